@@ -1,0 +1,54 @@
+//! The filters of `pumpwatch log` (SPEC §4.3), as one value checked against each report.
+
+use super::attribution;
+use super::code::CodeRange;
+use super::report::{Incoming, Report};
+use regex::Regex;
+
+/// Every filter is optional; a report must pass all that are set.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Regex over topic, body and header values (like `dd_log <pattern>`).
+    pub pattern: Option<Regex>,
+    pub source: Option<String>,
+    pub client: Option<String>,
+    pub host: Option<String>,
+    /// Regex over relPath.
+    pub file: Option<Regex>,
+    pub flow: Option<String>,
+    pub code: Option<CodeRange>,
+    /// Matches `from_cluster` or any of `to_clusters`.
+    pub cluster: Option<String>,
+}
+
+impl Filter {
+    pub fn matches(&self, r: &Report, raw: &Incoming<'_>) -> bool {
+        let eq = |want: &Option<String>, have: Option<&str>| match want {
+            Some(w) => have == Some(w.as_str()),
+            None => true,
+        };
+        eq(&self.source, attribution::source_of(r))
+            && eq(&self.client, attribution::client_of(r))
+            && eq(&self.host, r.host.as_deref())
+            && eq(&self.flow, r.flow.as_deref())
+            && self.code.as_ref().is_none_or(|c| c.contains(r.code))
+            && self.file.as_ref().is_none_or(|re| re.is_match(&r.rel_path))
+            && self.cluster.as_ref().is_none_or(|c| {
+                r.from_cluster.as_deref() == Some(c.as_str())
+                    || r.to_clusters.iter().any(|t| t == c)
+            })
+            && self
+                .pattern
+                .as_ref()
+                .is_none_or(|re| pattern_matches(re, raw))
+    }
+}
+
+fn pattern_matches(re: &Regex, raw: &Incoming<'_>) -> bool {
+    re.is_match(raw.routing_key)
+        || re.is_match(&String::from_utf8_lossy(raw.body))
+        || raw
+            .headers
+            .iter()
+            .any(|(k, v)| re.is_match(k) || re.is_match(&v.to_text()))
+}
