@@ -80,10 +80,8 @@ fn post_headers(r: &Report, with_message: bool) -> Headers {
     if !r.to_clusters.is_empty() {
         h.set("to_clusters", short(&r.to_clusters.join(",")));
     }
-    if with_message {
-        if let Some(m) = &r.message {
-            h.set("message", short(m));
-        }
+    if with_message && let Some(m) = &r.message {
+        h.set("message", short(m));
     }
     for (k, v) in r.extra.iter() {
         if h.get(k).is_none() {
@@ -286,10 +284,8 @@ fn v03(r: &Report) -> Outgoing {
         report,
     };
     let mut headers = Headers::new();
-    if !sr3 {
-        if let Some(m) = &r.message {
-            headers.set("message", short(m));
-        }
+    if !sr3 && let Some(m) = &r.message {
+        headers.set("message", short(m));
     }
     for (k, v) in r.extra.iter() {
         headers.0.push((k.to_owned(), v.clone()));

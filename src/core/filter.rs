@@ -44,6 +44,26 @@ impl Filter {
     }
 }
 
+impl Filter {
+    /// True when no filter needs a parsed report (only PATTERN, or nothing, is set).
+    pub fn is_pattern_only(&self) -> bool {
+        self.source.is_none()
+            && self.client.is_none()
+            && self.host.is_none()
+            && self.file.is_none()
+            && self.flow.is_none()
+            && self.code.is_none()
+            && self.cluster.is_none()
+    }
+
+    /// PATTERN alone, for messages that are not reports.
+    pub fn pattern_matches(&self, raw: &Incoming<'_>) -> bool {
+        self.pattern
+            .as_ref()
+            .is_none_or(|re| pattern_matches(re, raw))
+    }
+}
+
 fn pattern_matches(re: &Regex, raw: &Incoming<'_>) -> bool {
     re.is_match(raw.routing_key)
         || re.is_match(&String::from_utf8_lossy(raw.body))

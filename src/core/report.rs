@@ -365,17 +365,18 @@ fn header_fields(h: &Headers) -> Result<HeaderFields, ParseError> {
             }
             "sum" => out.identity = identity_from_sum(&text(v)),
             "identity" | "integrity" => {
-                if let Some(t) = v.as_table() {
-                    if let (Some(m), Some(val)) = (t.get_str("method"), t.get_str("value")) {
-                        out.identity = Some(Identity {
-                            method: m.into(),
-                            value: val.into(),
-                        });
-                    }
+                if let Some(t) = v.as_table()
+                    && let (Some(m), Some(val)) = (t.get_str("method"), t.get_str("value"))
+                {
+                    out.identity = Some(Identity {
+                        method: m.into(),
+                        value: val.into(),
+                    });
                 }
             }
-            H_CLIENT => out.stamped_client = Some(text(v)),
-            H_SOURCE => out.stamped_source = Some(text(v)),
+            // `route` stamps an empty value when it could not decide.
+            H_CLIENT => out.stamped_client = Some(text(v)).filter(|s| !s.is_empty()),
+            H_SOURCE => out.stamped_source = Some(text(v)).filter(|s| !s.is_empty()),
             "report" => {}
             _ => out.extra.0.push((k.to_owned(), v.clone())),
         }

@@ -17,6 +17,8 @@
 //! collide and `scripts/broker-up --clean` can tell a leftover (old) from one in use.
 #![allow(dead_code)] // each test binary uses a different part of this file
 
+pub mod proc;
+
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

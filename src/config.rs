@@ -1,0 +1,613 @@
+//! Configuration (SPEC §5), in two stages: a strict serde shape where an unknown key is an
+//! error naming the key and the file, then a validated [`Config`] with parsed durations and
+//! compiled regexes. Every option has a default, so no file at all is a valid config.
+
+use regex::Regex;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const DEFAULT_ADMIN_URL: &str = "http://127.0.0.1:15672";
+pub const DEFAULT_RELPATH_PATTERN: &str = r"^/?\d{8}/(?P<source>[^/]+)/";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {file}: {reason}")]
+    Read { file: String, reason: String },
+    #[error("config {file}:{line}: {reason}")]
+    Syntax {
+        file: String,
+        line: usize,
+        reason: String,
+    },
+    #[error("config {file}: {key}: {reason}")]
+    Value {
+        file: String,
+        key: String,
+        reason: String,
+    },
+}
+
+/// A duration written as seconds (`300`, `0.5`) or as text (`"5m"`, `"1h 30m"`, `"PT5M"`).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+enum RawDuration {
+    Secs(f64),
+    Text(#[serde(deserialize_with = "de_text_duration")] Duration),
+}
+
+fn de_text_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+/// Parses `"300"`, `"0.5"`, `"5m"`, `"1h 30m"` or ISO 8601 `"PT5M"`; used for flags too.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        return secs_to_duration(secs);
+    }
+    let d: jiff::SignedDuration = s
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?} (e.g. 300, 5m, 1h 30m)"))?;
+    Duration::try_from(d).map_err(|_| format!("negative duration {s:?}"))
+}
+
+fn secs_to_duration(secs: f64) -> Result<Duration, String> {
+    if secs.is_finite() && (0.0..=1e10).contains(&secs) {
+        Ok(Duration::from_secs_f64(secs))
+    } else {
+        Err(format!("invalid duration {secs} (seconds, 0 to 1e10)"))
+    }
+}
+
+impl RawDuration {
+    fn get(self) -> Result<Duration, String> {
+        match self {
+            RawDuration::Secs(s) => secs_to_duration(s),
+            RawDuration::Text(d) => Ok(d),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Source,
+    Subscriber,
+    Feeder,
+    Admin,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Source => "source",
+            Role::Subscriber => "subscriber",
+            Role::Feeder => "feeder",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    #[default]
+    Classic,
+    Quorum,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUser {
+    role: Role,
+    password_env: Option<String>,
+    retain: Option<u32>,
+    interval: Option<RawDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawThresholds {
+    td: Option<RawDuration>,
+    tminr: Option<f64>,
+    window: Option<RawDuration>,
+    max_error_ratio: Option<f64>,
+    k: Option<f64>,
+    min_samples: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    via: Option<String>,
+    broker: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExchanges {
+    report: Option<String>,
+    rejected: Option<String>,
+    public: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    relpath_pattern: Option<String>,
+    index_size: Option<usize>,
+    max_body: Option<usize>,
+    prefetch: Option<u16>,
+    queue_type: Option<QueueType>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpeedo {
+    interval: Option<RawDuration>,
+    all_interval: Option<RawDuration>,
+    expire: Option<RawDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServe {
+    listen: Option<String>,
+    history: Option<RawDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    cluster: Option<String>,
+    broker: Option<String>,
+    admin_url: Option<String>,
+    #[serde(default)]
+    users: BTreeMap<String, RawUser>,
+    #[serde(default)]
+    thresholds: BTreeMap<String, RawThresholds>,
+    #[serde(default)]
+    clusters: BTreeMap<String, RawCluster>,
+    #[serde(default)]
+    exchanges: RawExchanges,
+    #[serde(default)]
+    route: RawRoute,
+    #[serde(default)]
+    speedo: RawSpeedo,
+    #[serde(default)]
+    serve: RawServe,
+}
+
+/// One declared account.
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    pub name: String,
+    pub role: Role,
+    /// Name of the environment variable holding the password (never the password itself).
+    pub password_env: Option<String>,
+    /// Size of the retained `q_<source>.reports` queue; 0 = none.
+    pub retain: u32,
+    /// Speedo interval override for a source.
+    pub interval: Option<Duration>,
+}
+
+/// Health thresholds (SPEC §6) for one name or the default.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thresholds {
+    pub td: Duration,
+    pub tminr: f64,
+    pub window: Duration,
+    pub max_error_ratio: f64,
+    pub k: f64,
+    pub min_samples: u32,
+}
+
+impl Default for Thresholds {
+    fn default() -> Self {
+        Thresholds {
+            td: Duration::from_secs(300),
+            tminr: 0.01,
+            window: Duration::from_secs(600),
+            max_error_ratio: 0.5,
+            k: 3.0,
+            min_samples: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Neighbour {
+    pub name: String,
+    pub via: Option<String>,
+    pub broker: Option<String>,
+}
+
+/// Exchange names (SPEC §3), all configurable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exchanges {
+    pub report: String,
+    pub rejected: String,
+    pub public: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteSettings {
+    pub relpath_pattern: Regex,
+    pub index_size: usize,
+    pub max_body: usize,
+    pub prefetch: u16,
+    pub queue_type: QueueType,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpeedoSettings {
+    pub interval: Duration,
+    pub all_interval: Duration,
+    pub expire: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServeSettings {
+    pub listen: String,
+    pub history: Duration,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from, for messages (`built-in defaults` when no file).
+    pub origin: String,
+    pub cluster: String,
+    pub broker: Option<String>,
+    pub admin_url: Option<String>,
+    pub users: BTreeMap<String, User>,
+    pub default_thresholds: Thresholds,
+    pub thresholds: BTreeMap<String, Thresholds>,
+    pub neighbours: BTreeMap<String, Neighbour>,
+    pub exchanges: Exchanges,
+    pub route: RouteSettings,
+    pub speedo: SpeedoSettings,
+    pub serve: ServeSettings,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The built-in defaults always validate.
+        Config::from_raw(RawConfig::default(), "built-in defaults")
+            .unwrap_or_else(|e| unreachable!("built-in defaults are valid: {e}"))
+    }
+}
+
+impl Config {
+    /// `--config FILE` if given, else `./pumpwatch.toml` if present, else defaults.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            Some(p) => Config::from_file(p),
+            None => {
+                let p = PathBuf::from("pumpwatch.toml");
+                if p.exists() {
+                    Config::from_file(&p)
+                } else {
+                    Ok(Config::default())
+                }
+            }
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            file: file.clone(),
+            reason: e.to_string(),
+        })?;
+        Config::parse(&text, &file)
+    }
+
+    /// Parses TOML text; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            ConfigError::Syntax {
+                file: file.to_owned(),
+                line: line.unwrap_or(0),
+                reason: e.message().replace('\n', " "),
+            }
+        })?;
+        Config::from_raw(raw, file)
+    }
+
+    fn from_raw(raw: RawConfig, file: &str) -> Result<Config, ConfigError> {
+        let bad = |key: String, reason: String| ConfigError::Value {
+            file: file.to_owned(),
+            key,
+            reason,
+        };
+        let dur =
+            |key: &str, v: Option<RawDuration>, default: u64| -> Result<Duration, ConfigError> {
+                match v {
+                    Some(d) => d.get().map_err(|r| bad(key.to_owned(), r)),
+                    None => Ok(Duration::from_secs(default)),
+                }
+            };
+        let name_ok = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 64
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+        };
+        let mut users = BTreeMap::new();
+        for (name, u) in raw.users {
+            if !name_ok(&name) {
+                return Err(bad(
+                    format!("users.{name}"),
+                    "a user name is 1-64 of [A-Za-z0-9_.-]".into(),
+                ));
+            }
+            let interval = match u.interval {
+                Some(d) => Some(
+                    d.get()
+                        .map_err(|r| bad(format!("users.{name}.interval"), r))?,
+                ),
+                None => None,
+            };
+            users.insert(
+                name.clone(),
+                User {
+                    name,
+                    role: u.role,
+                    password_env: u.password_env,
+                    retain: u.retain.unwrap_or(0),
+                    interval,
+                },
+            );
+        }
+        let mut default_thresholds = Thresholds::default();
+        let mut thresholds = BTreeMap::new();
+        // `default` first, so per-name tables inherit from it.
+        let mut raw_thresholds = raw.thresholds;
+        if let Some(d) = raw_thresholds.remove("default") {
+            default_thresholds =
+                thresholds_from(d, default_thresholds, "thresholds.default", &bad)?;
+        }
+        for (name, t) in raw_thresholds {
+            let key = format!("thresholds.{name}");
+            thresholds.insert(name, thresholds_from(t, default_thresholds, &key, &bad)?);
+        }
+        let mut neighbours = BTreeMap::new();
+        for (name, c) in raw.clusters {
+            neighbours.insert(
+                name.clone(),
+                Neighbour {
+                    name,
+                    via: c.via,
+                    broker: c.broker,
+                },
+            );
+        }
+        for n in neighbours.values() {
+            if let Some(v) = &n.via
+                && !neighbours.contains_key(v)
+            {
+                return Err(bad(
+                    format!("clusters.{}.via", n.name),
+                    format!("names no declared cluster {v:?}"),
+                ));
+            }
+        }
+        let pattern = raw
+            .route
+            .relpath_pattern
+            .as_deref()
+            .unwrap_or(DEFAULT_RELPATH_PATTERN);
+        let relpath_pattern = Regex::new(pattern).map_err(|e| {
+            bad(
+                "route.relpath_pattern".into(),
+                e.to_string().replace('\n', " "),
+            )
+        })?;
+        if relpath_pattern.capture_names().all(|n| n != Some("source")) {
+            return Err(bad(
+                "route.relpath_pattern".into(),
+                "needs a named group (?P<source>...)".into(),
+            ));
+        }
+        let prefetch = raw.route.prefetch.unwrap_or(500);
+        if prefetch == 0 {
+            return Err(bad("route.prefetch".into(), "must be at least 1".into()));
+        }
+        let speedo = SpeedoSettings {
+            interval: dur("speedo.interval", raw.speedo.interval, 60)?,
+            all_interval: dur("speedo.all_interval", raw.speedo.all_interval, 1)?,
+            expire: dur("speedo.expire", raw.speedo.expire, 24 * 3600)?,
+        };
+        for (k, d) in [
+            ("speedo.interval", speedo.interval),
+            ("speedo.all_interval", speedo.all_interval),
+        ] {
+            if d < Duration::from_millis(100) {
+                return Err(bad(k.into(), "must be at least 0.1 s".into()));
+            }
+        }
+        Ok(Config {
+            origin: file.to_owned(),
+            cluster: raw.cluster.unwrap_or_else(|| "localhost".into()),
+            broker: raw.broker,
+            admin_url: raw.admin_url,
+            users,
+            default_thresholds,
+            thresholds,
+            neighbours,
+            exchanges: Exchanges {
+                report: raw.exchanges.report.unwrap_or_else(|| "xreport".into()),
+                rejected: raw.exchanges.rejected.unwrap_or_else(|| "xrejected".into()),
+                public: raw.exchanges.public.unwrap_or_else(|| "xpublic".into()),
+            },
+            route: RouteSettings {
+                relpath_pattern,
+                index_size: raw.route.index_size.unwrap_or(100_000),
+                max_body: raw
+                    .route
+                    .max_body
+                    .unwrap_or(crate::core::report::DEFAULT_MAX_BODY),
+                prefetch,
+                queue_type: raw.route.queue_type.unwrap_or_default(),
+            },
+            speedo,
+            serve: ServeSettings {
+                listen: raw.serve.listen.unwrap_or_else(|| "127.0.0.1:8080".into()),
+                history: dur("serve.history", raw.serve.history, 3600)?,
+            },
+        })
+    }
+
+    /// Thresholds for a client or source name.
+    pub fn thresholds_for(&self, name: &str) -> Thresholds {
+        self.thresholds
+            .get(name)
+            .copied()
+            .unwrap_or(self.default_thresholds)
+    }
+
+    pub fn role_of(&self, user: &str) -> Option<Role> {
+        self.users.get(user).map(|u| u.role)
+    }
+
+    pub fn sources(&self) -> impl Iterator<Item = &User> {
+        self.users.values().filter(|u| u.role == Role::Source)
+    }
+}
+
+fn thresholds_from(
+    t: RawThresholds,
+    base: Thresholds,
+    key: &str,
+    bad: &dyn Fn(String, String) -> ConfigError,
+) -> Result<Thresholds, ConfigError> {
+    let d = |name: &str, v: Option<RawDuration>, dflt: Duration| match v {
+        Some(v) => v.get().map_err(|r| bad(format!("{key}.{name}"), r)),
+        None => Ok(dflt),
+    };
+    let out = Thresholds {
+        td: d("td", t.td, base.td)?,
+        tminr: t.tminr.unwrap_or(base.tminr),
+        window: d("window", t.window, base.window)?,
+        max_error_ratio: t.max_error_ratio.unwrap_or(base.max_error_ratio),
+        k: t.k.unwrap_or(base.k),
+        min_samples: t.min_samples.unwrap_or(base.min_samples),
+    };
+    if !(out.tminr.is_finite() && out.tminr >= 0.0) {
+        return Err(bad(format!("{key}.tminr"), "must be a rate >= 0".into()));
+    }
+    if !(0.0..=1.0).contains(&out.max_error_ratio) {
+        return Err(bad(
+            format!("{key}.max_error_ratio"),
+            "must be between 0 and 1".into(),
+        ));
+    }
+    if !(out.k.is_finite() && out.k >= 0.0) {
+        return Err(bad(format!("{key}.k"), "must be >= 0".into()));
+    }
+    if out.window.is_zero() {
+        return Err(bad(format!("{key}.window"), "must be positive".into()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+cluster = "ddsr.cmc"
+[users.radar]
+role = "source"
+password_env = "PW_RADAR"
+retain = 1000
+[users.cfs]
+role = "subscriber"
+[thresholds.default]
+td = 300
+tminr = 0.01
+window = "10m"
+[thresholds.cfs]
+td = 60
+[speedo]
+interval = "1m"
+"#;
+
+    #[test]
+    fn spec_sample() {
+        let c = Config::parse(SAMPLE, "t.toml").unwrap();
+        assert_eq!(c.cluster, "ddsr.cmc");
+        assert_eq!(c.role_of("radar"), Some(Role::Source));
+        assert_eq!(c.users["radar"].retain, 1000);
+        assert_eq!(c.thresholds_for("cfs").td, Duration::from_secs(60));
+        assert_eq!(c.thresholds_for("cfs").window, Duration::from_secs(600));
+        assert_eq!(c.thresholds_for("other").td, Duration::from_secs(300));
+        assert_eq!(c.speedo.interval, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_file() {
+        let table = [
+            ("colour = 1", "t.toml:1", "colour"),
+            ("[users.x]\nrole = \"king\"", "t.toml:2", "king"),
+            (
+                "[users.x]\nrole = \"source\"\npasword_env = \"A\"",
+                "t.toml:3",
+                "pasword_env",
+            ),
+            ("[thresholds.cfs]\ntd = \"soon\"", "t.toml", "soon"),
+            (
+                "[thresholds.cfs]\nmax_error_ratio = 2.0",
+                "thresholds.cfs.max_error_ratio",
+                "between 0 and 1",
+            ),
+            (
+                "[route]\nrelpath_pattern = \"(\"",
+                "route.relpath_pattern",
+                "regex",
+            ),
+            (
+                "[route]\nrelpath_pattern = \"^x\"",
+                "route.relpath_pattern",
+                "(?P<source>",
+            ),
+            ("[clusters.a]\nvia = \"b\"", "clusters.a.via", "\"b\""),
+            (
+                "[speedo]\ninterval = -5",
+                "speedo.interval",
+                "invalid duration",
+            ),
+        ];
+        for (text, want_where, want_what) in table {
+            let e = Config::parse(text, "t.toml").unwrap_err().to_string();
+            assert!(
+                e.contains(want_where) && e.contains(want_what),
+                "{text:?}: {e}"
+            );
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
+    fn defaults_without_a_file() {
+        let c = Config::default();
+        assert_eq!(c.exchanges.report, "xreport");
+        assert!(c.route.relpath_pattern.is_match("20240101/radar/x.h5"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert!(parse_duration("-3").is_err());
+        assert!(parse_duration("NaN").is_err());
+    }
+}

@@ -1,0 +1,106 @@
+//! Names and shapes of the broker objects pumpwatch uses (SPEC §3), in one place so that
+//! `setup` (through the management API) and the daemons (through AMQP) declare exactly the
+//! same queues with exactly the same arguments; a mismatch would be refused by the broker.
+
+use crate::config::{Config, QueueType, Role};
+
+/// `xs_<user>`: where a user posts its announcements and reports.
+pub fn user_exchange(user: &str) -> String {
+    format!("xs_{user}")
+}
+
+/// `xr_<source>`: the reports about a source's products.
+pub fn source_exchange(source: &str) -> String {
+    format!("xr_{source}")
+}
+
+/// `xforward_<cluster>`: reports to send to another pump.
+pub fn forward_exchange(cluster: &str) -> String {
+    format!("xforward_{cluster}")
+}
+
+/// The account the daemons run as: the first declared feeder, else the broker user.
+pub fn feeder(config: &Config, broker_user: &str) -> String {
+    config
+        .users
+        .values()
+        .find(|u| u.role == Role::Feeder)
+        .map(|u| u.name.clone())
+        .unwrap_or_else(|| broker_user.to_owned())
+}
+
+/// A queue argument value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Arg {
+    Int(i64),
+    Str(String),
+}
+
+/// A durable queue and what it is bound to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueShape {
+    pub name: String,
+    pub arguments: Vec<(String, Arg)>,
+    /// (exchange, routing key)
+    pub bindings: Vec<(String, String)>,
+}
+
+fn base_args(qt: QueueType) -> Vec<(String, Arg)> {
+    match qt {
+        QueueType::Classic => vec![],
+        QueueType::Quorum => vec![("x-queue-type".into(), Arg::Str("quorum".into()))],
+    }
+}
+
+/// Bounded: the oldest messages are dropped first once `max` are queued.
+fn bounded(qt: QueueType, max: u32) -> Vec<(String, Arg)> {
+    let mut a = base_args(qt);
+    a.push(("x-max-length".into(), Arg::Int(i64::from(max))));
+    a.push(("x-overflow".into(), Arg::Str("drop-head".into())));
+    a
+}
+
+/// How many rejected messages are kept for admins to inspect.
+pub const REJECTED_KEEP: u32 = 100_000;
+
+/// `route`'s validate queue: every user's `xs_<user>` and `xpublic` (announcements).
+pub fn validate_queue(config: &Config, feeder: &str) -> QueueShape {
+    let mut bindings: Vec<(String, String)> = config
+        .users
+        .keys()
+        .map(|u| (user_exchange(u), "#".to_owned()))
+        .collect();
+    bindings.push((config.exchanges.public.clone(), "#".into()));
+    QueueShape {
+        name: format!("q_{feeder}.route.validate"),
+        arguments: base_args(config.route.queue_type),
+        bindings,
+    }
+}
+
+/// `route`'s dispatch queue: everything in `xreport`.
+pub fn dispatch_queue(config: &Config, feeder: &str) -> QueueShape {
+    QueueShape {
+        name: format!("q_{feeder}.route.dispatch"),
+        arguments: base_args(config.route.queue_type),
+        bindings: vec![(config.exchanges.report.clone(), "#".into())],
+    }
+}
+
+/// Keeps what validation refused, bounded, so admins can look at it later.
+pub fn rejected_queue(config: &Config, feeder: &str) -> QueueShape {
+    QueueShape {
+        name: format!("q_{feeder}.route.rejected"),
+        arguments: bounded(config.route.queue_type, REJECTED_KEEP),
+        bindings: vec![(config.exchanges.rejected.clone(), "#".into())],
+    }
+}
+
+/// A source's retained reports `q_<source>.reports`, when `retain > 0`.
+pub fn retained_queue(config: &Config, source: &str, retain: u32) -> QueueShape {
+    QueueShape {
+        name: format!("q_{source}.reports"),
+        arguments: bounded(config.route.queue_type, retain),
+        bindings: vec![(source_exchange(source), "#".into())],
+    }
+}

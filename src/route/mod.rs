@@ -1,0 +1,426 @@
+//! `pumpwatch route` (SPEC §4.2): validate reports posted to every `xs_<user>` and dispatch
+//! everything in `xreport` to the source of each product. Both stages run in one process,
+//! each on its own durable queue, and any number of instances may share the queues.
+//!
+//! At least once, nothing lost: every input is acked only after each of its outputs was
+//! confirmed by the broker; a publish the broker cannot route or refuses is retried by
+//! requeueing the input, and an input of a lost connection is redelivered by the broker.
+//! Publishing is pipelined: the consume loop publishes and hands (delivery, confirm) pairs
+//! to an acker task that awaits the confirms in order, so thousands are in flight at once.
+
+pub mod decide;
+pub mod stats;
+
+use crate::amqp::{
+    AmqpError, BindingDecl, Client, ConnectOptions, Delivery, ExchangeDecl, PendingConfirm,
+    QueueDecl, Topology,
+};
+use crate::config::{Config as PumpConfig, Role};
+use crate::core::attribution::{Accounts, AnnouncementIndex};
+use crate::core::report::{H_CLIENT, H_SOURCE};
+use crate::core::{HeaderValue, Headers};
+use crate::names::{self, Arg, QueueShape};
+use crate::shutdown::Shutdown;
+pub use decide::{Consumed, Dispatcher, ForwardKind, Outcome, Reason, Validator};
+pub use stats::{Counters, Stage as StageName};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// The header carrying why a message was rejected.
+pub const H_REASON: &str = "pumpwatch_reason";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    Validate,
+    Dispatch,
+    All,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub broker: String,
+    pub stage: Stage,
+    pub pump: PumpConfig,
+    /// The account route runs as; names its queues (`q_<feeder>.route.*`).
+    pub feeder: String,
+    pub prefetch: u16,
+    /// How often the counters are logged.
+    pub log_every: Duration,
+    /// How long SIGTERM may take to settle what is held.
+    pub drain: Duration,
+}
+
+impl Config {
+    pub fn new(broker: String, pump: PumpConfig) -> Config {
+        let feeder = names::feeder(&pump, &crate::log::broker_user(&broker));
+        Config {
+            broker,
+            stage: Stage::All,
+            prefetch: pump.route.prefetch,
+            pump,
+            feeder,
+            log_every: Duration::from_secs(60),
+            drain: Duration::from_secs(4),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("{0}")]
+    Broker(#[from] AmqpError),
+}
+
+fn accounts(pump: &PumpConfig) -> Accounts {
+    let mut a = Accounts::default();
+    for u in pump.users.values() {
+        if u.role == Role::Source {
+            a.sources.insert(u.name.clone());
+        } else {
+            a.others.insert(u.name.clone());
+        }
+    }
+    a
+}
+
+fn queue_decl(q: &QueueShape) -> QueueDecl {
+    let mut arguments = Headers::new();
+    for (k, v) in &q.arguments {
+        let v = match v {
+            Arg::Int(i) => HeaderValue::Int(*i),
+            Arg::Str(s) => HeaderValue::Str(s.clone()),
+        };
+        arguments.set(k, v);
+    }
+    QueueDecl {
+        name: q.name.clone(),
+        durable: true,
+        exclusive: false,
+        auto_delete: false,
+        arguments,
+    }
+}
+
+/// Everything route publishes to or reads from; declared at start and after reconnects.
+pub fn topology(cfg: &Config) -> Topology {
+    let p = &cfg.pump;
+    let mut exchanges = vec![
+        ExchangeDecl::topic(&p.exchanges.report),
+        ExchangeDecl::topic(&p.exchanges.rejected),
+        ExchangeDecl::topic(&p.exchanges.public),
+    ];
+    for u in p.users.values() {
+        exchanges.push(ExchangeDecl::topic(names::user_exchange(&u.name)));
+        if u.role == Role::Source {
+            exchanges.push(ExchangeDecl::topic(names::source_exchange(&u.name)));
+        }
+    }
+    let mut shapes = vec![
+        names::rejected_queue(p, &cfg.feeder),
+        names::dispatch_queue(p, &cfg.feeder),
+    ];
+    if cfg.stage != Stage::Dispatch {
+        shapes.push(names::validate_queue(p, &cfg.feeder));
+    }
+    let mut t = Topology {
+        exchanges,
+        ..Topology::default()
+    };
+    for s in &shapes {
+        t.queues.push(queue_decl(s));
+        for (x, key) in &s.bindings {
+            t.bindings.push(BindingDecl {
+                queue: s.name.clone(),
+                exchange: x.clone(),
+                routing_key: key.clone(),
+            });
+        }
+    }
+    t
+}
+
+/// Runs the configured stages until `shutdown`, then settles what is held and returns.
+pub async fn run(
+    cfg: Config,
+    shutdown: Shutdown,
+    counters: Arc<Counters>,
+) -> Result<(), RouteError> {
+    let opts = ConnectOptions {
+        name: format!("pumpwatch route ({})", cfg.feeder),
+        topology: topology(&cfg),
+        ..ConnectOptions::default()
+    };
+    let client = Client::connect(&cfg.broker, opts).await?;
+    if cfg.pump.users.is_empty() && cfg.stage != Stage::Dispatch {
+        tracing::warn!(
+            "no users declared in the configuration: validate binds to no xs_<user> exchange and sees only announcements on {}",
+            cfg.pump.exchanges.public
+        );
+    }
+    tracing::info!(broker = %crate::amqp::redact_url(&cfg.broker), stage = ?cfg.stage, "route started");
+    let p = &cfg.pump;
+    let mut tasks = tokio::task::JoinSet::new();
+    if cfg.stage != Stage::Dispatch {
+        let v = Validator {
+            accounts: accounts(p),
+            index: AnnouncementIndex::new(p.route.index_size),
+            relpath: p.route.relpath_pattern.clone(),
+            max_body: p.route.max_body,
+            report_exchange: p.exchanges.report.clone(),
+        };
+        let stage = StageRunner::new(&cfg, &client, &counters, &shutdown, StageName::Validate);
+        let queue = names::validate_queue(p, &cfg.feeder).name;
+        let consumer = client.consume(&queue, cfg.prefetch).await?;
+        tasks.spawn(stage.run(consumer, Decider::Validate(Box::new(v))));
+    }
+    if cfg.stage != Stage::Validate {
+        let d = Dispatcher {
+            accounts: accounts(p),
+            relpath: p.route.relpath_pattern.clone(),
+            max_body: p.route.max_body,
+            cluster: p.cluster.clone(),
+            routes: p
+                .neighbours
+                .values()
+                .map(|n| {
+                    (
+                        n.name.clone(),
+                        n.via.clone().unwrap_or_else(|| n.name.clone()),
+                    )
+                })
+                .collect(),
+            max_hops: 8,
+        };
+        let stage = StageRunner::new(&cfg, &client, &counters, &shutdown, StageName::Dispatch);
+        let queue = names::dispatch_queue(p, &cfg.feeder).name;
+        let consumer = client.consume(&queue, cfg.prefetch).await?;
+        tasks.spawn(stage.run(consumer, Decider::Dispatch(Box::new(d))));
+    }
+    let mut log_tick = tokio::time::interval(cfg.log_every);
+    log_tick.tick().await;
+    let mut result = Ok(());
+    loop {
+        tokio::select! {
+            _ = log_tick.tick() => tracing::info!("route: {}", counters.summary()),
+            done = tasks.join_next() => match done {
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(e))) => {
+                    result = Err(e.into());
+                    shutdown.cancel();
+                }
+                Some(Err(e)) => {
+                    tracing::error!("route stage task failed: {e}");
+                    shutdown.cancel();
+                }
+                None => break,
+            },
+        }
+    }
+    tracing::info!("route stopped: {}", counters.summary());
+    client.close().await;
+    result
+}
+
+enum Decider {
+    Validate(Box<Validator>),
+    Dispatch(Box<Dispatcher>),
+}
+
+/// One stage: a consume loop that decides and publishes, and an acker that settles.
+struct StageRunner {
+    client: Client,
+    counters: Arc<Counters>,
+    shutdown: Shutdown,
+    stage: StageName,
+    rejected: String,
+    prefetch: u16,
+    drain: Duration,
+    /// Source exchanges known to exist; others are declared before the first publish.
+    declared: HashSet<String>,
+}
+
+/// A delivery waiting for the confirm of its one output (or for nothing).
+struct InFlight {
+    delivery: Delivery,
+    confirm: Option<PendingConfirm>,
+    kind: Option<ForwardKind>,
+}
+
+impl StageRunner {
+    fn new(
+        cfg: &Config,
+        client: &Client,
+        counters: &Arc<Counters>,
+        shutdown: &Shutdown,
+        stage: StageName,
+    ) -> Self {
+        StageRunner {
+            client: client.clone(),
+            counters: counters.clone(),
+            shutdown: shutdown.clone(),
+            stage,
+            rejected: cfg.pump.exchanges.rejected.clone(),
+            prefetch: cfg.prefetch,
+            drain: cfg.drain,
+            declared: cfg
+                .pump
+                .sources()
+                .map(|u| names::source_exchange(&u.name))
+                .collect(),
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut consumer: crate::amqp::Consumer,
+        mut decider: Decider,
+    ) -> Result<(), AmqpError> {
+        let (tx, rx) = mpsc::channel::<InFlight>(usize::from(self.prefetch).max(16));
+        let acker = tokio::spawn(acker(rx, self.counters.clone(), self.stage));
+        let result = loop {
+            let delivery = tokio::select! {
+                _ = self.shutdown.cancelled() => break Ok(()),
+                d = consumer.next() => match d {
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => break Err(e),
+                    None => break Ok(()),
+                },
+            };
+            let outcome = match &mut decider {
+                Decider::Validate(v) => v.validate(&delivery.incoming()),
+                Decider::Dispatch(d) => d.dispatch(&delivery.incoming()),
+            };
+            match self.publish(&delivery, outcome).await {
+                Ok((confirm, kind)) => {
+                    if tx
+                        .send(InFlight {
+                            delivery,
+                            confirm,
+                            kind,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        break Ok(());
+                    }
+                }
+                // The connection went away: the broker redelivers this input.
+                Err(e) if e.is_transient() => {
+                    tracing::debug!("publish failed, input will be redelivered: {e}")
+                }
+                Err(e) => {
+                    tracing::warn!("publish failed, requeueing the input: {e}");
+                    let _ = delivery.nack(true).await;
+                }
+            }
+        };
+        // Stop taking new messages, then settle everything held, within the drain bound.
+        let _ = consumer.cancel().await;
+        drop(tx);
+        match tokio::time::timeout(self.drain, acker).await {
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!(stage = ?self.stage, "drain deadline passed; unsettled inputs will be redelivered")
+            }
+        }
+        result
+    }
+
+    /// Publishes what `outcome` says; returns the confirm to wait for.
+    async fn publish(
+        &mut self,
+        d: &Delivery,
+        outcome: Outcome,
+    ) -> Result<(Option<PendingConfirm>, Option<ForwardKind>), AmqpError> {
+        match outcome {
+            Outcome::Consumed(c) => {
+                self.counters.consumed(self.stage, c);
+                Ok((None, None))
+            }
+            Outcome::Reject { reason, detail } => {
+                self.counters.rejected(self.stage, reason);
+                let mut h = Headers::new();
+                h.set(H_REASON, short(&Outcome::reason_text(reason, &detail)));
+                h.set("pumpwatch_stage", self.stage.label());
+                h.set("pumpwatch_exchange", d.exchange.as_str());
+                let c = self
+                    .client
+                    .forward(&self.rejected, &d.routing_key, d, &h)
+                    .await?;
+                Ok((Some(c), None))
+            }
+            Outcome::Forward {
+                exchange,
+                stamps,
+                kind,
+            } => {
+                if kind == ForwardKind::ToSource && !self.declared.contains(&exchange) {
+                    // Only reached without declared accounts (permissive mode): route is the
+                    // feeder and may create the source's exchange.
+                    let t = Topology {
+                        exchanges: vec![ExchangeDecl::topic(&exchange)],
+                        ..Topology::default()
+                    };
+                    self.client.declare(&t).await?;
+                    self.declared.insert(exchange.clone());
+                }
+                let mut h = Headers::new();
+                for (k, v) in stamps {
+                    h.set(k, short(&v));
+                }
+                if kind == ForwardKind::Validated {
+                    // A user's own pumpwatch_* headers are never believed.
+                    for k in [H_CLIENT, H_SOURCE] {
+                        if h.get(k).is_none() {
+                            h.set(k, "");
+                        }
+                    }
+                }
+                let c = self
+                    .client
+                    .forward(&exchange, &d.routing_key, d, &h)
+                    .await?;
+                Ok((Some(c), Some(kind)))
+            }
+        }
+    }
+}
+
+fn short(s: &str) -> HeaderValue {
+    HeaderValue::Str(crate::core::topic::truncated(s, crate::core::topic::MAX_SHORT).to_owned())
+}
+
+/// Awaits each confirm in order and settles its input. Ack only after the confirm.
+async fn acker(mut rx: mpsc::Receiver<InFlight>, counters: Arc<Counters>, stage: StageName) {
+    while let Some(f) = rx.recv().await {
+        let result = match f.confirm {
+            Some(c) => c.wait().await,
+            None => Ok(()),
+        };
+        match result {
+            Ok(()) => {
+                if let Some(k) = f.kind {
+                    counters.forwarded(stage, k);
+                }
+                let _ = f.delivery.ack().await;
+            }
+            // Nobody listens to this source's reports and it keeps none: the source was
+            // offline with no retained queue. The broker dropped it; count it and go on.
+            Err(AmqpError::Unroutable { .. }) if f.kind == Some(ForwardKind::ToSource) => {
+                counters.unheard(stage);
+                let _ = f.delivery.ack().await;
+            }
+            // Connection lost: the input is redelivered by the broker; acking is a no-op.
+            Err(e) if e.is_transient() => tracing::debug!("confirm lost: {e}"),
+            Err(e) => {
+                tracing::warn!(?stage, "output not confirmed ({e}); requeueing the input");
+                counters.retried(stage);
+                // Do not spin on a broker that keeps refusing.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = f.delivery.nack(true).await;
+            }
+        }
+    }
+}
