@@ -104,3 +104,12 @@ pub fn retained_queue(config: &Config, source: &str, retain: u32) -> QueueShape 
         bindings: vec![(source_exchange(source), "#".into())],
     }
 }
+
+/// `speedo`'s queue: everything in `xreport` (its own speedos are recognised and skipped).
+pub fn speedo_queue(config: &Config, feeder: &str) -> QueueShape {
+    QueueShape {
+        name: format!("q_{feeder}.speedo"),
+        arguments: base_args(config.route.queue_type),
+        bindings: vec![(config.exchanges.report.clone(), "#".into())],
+    }
+}
