@@ -1,0 +1,444 @@
+//! `pumpwatch route` against the real broker, with real users: routing back to each
+//! source, spoofing and garbage rejected with reasons, sr3 attribution through the
+//! announcement index, and nothing lost when route is killed or its connection closed.
+
+mod common;
+
+use common::TestVhost;
+use pumpwatch::amqp::{BindingDecl, Client, ConnectOptions, Delivery, QueueDecl, Topology};
+use pumpwatch::config::Config;
+use pumpwatch::core::emit::{Outgoing, emit};
+use pumpwatch::core::report::{Format, Identity, Report};
+use pumpwatch::core::{Headers, Stamp};
+use pumpwatch::route;
+use pumpwatch::shutdown::Shutdown;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(90);
+
+/// The SPEC §3 permissions, set by hand here (setup has its own tests).
+async fn grant(vh: &TestVhost, user: &str, source: bool) {
+    let u = regex::escape(user);
+    let read = format!("^(q_{u}\\..*|xs_{u}|xr_{u}|xpublic)$");
+    let write = format!("^(q_{u}\\..*|xs_{u})$");
+    let configure = if source {
+        write.clone()
+    } else {
+        format!("^q_{u}\\..*$")
+    };
+    vh.mgmt
+        .put_permissions(&vh.name, user, &configure, &write, &read)
+        .await
+        .unwrap();
+}
+
+struct Pump {
+    vh: TestVhost,
+    radar: String,
+    sat: String,
+    cfs: common::TestUser,
+    radar_user: common::TestUser,
+    config: Config,
+}
+
+async fn pump(prefix: &str) -> Option<Pump> {
+    let vh = common::vhost(prefix).await?;
+    let radar_user = vh.add_user("radar", "radar-pw", &[]).await;
+    let sat = vh.add_user("sat", "sat-pw", &[]).await;
+    let cfs = vh.add_user("cfs", "cfs-pw", &[]).await;
+    let edu = vh.add_user("edu", "edu-pw", &[]).await;
+    grant(&vh, &radar_user.name, true).await;
+    grant(&vh, &sat.name, true).await;
+    grant(&vh, &cfs.name, false).await;
+    grant(&vh, &edu.name, false).await;
+    let toml = format!(
+        "cluster = \"test.pump\"\n[users.\"{}\"]\nrole = \"source\"\n[users.\"{}\"]\nrole = \"source\"\n[users.\"{}\"]\nrole = \"subscriber\"\n[users.\"{}\"]\nrole = \"subscriber\"\n[route]\nprefetch = 200\n",
+        radar_user.name, sat.name, cfs.name, edu.name
+    );
+    let config = Config::parse(&toml, "test").unwrap();
+    Some(Pump {
+        radar: radar_user.name.clone(),
+        sat: sat.name,
+        cfs,
+        radar_user,
+        config,
+        vh,
+    })
+}
+
+fn report(source: &str, user: &str, i: usize, code: u16) -> Report {
+    Report {
+        format: Format::V02,
+        topic: String::new(),
+        exchange: String::new(),
+        pub_time: Stamp::from_unix(1_700_000_000 + i as i64, 0),
+        base_url: "sftp://data.example".into(),
+        rel_path: format!("20240101/{source}/h5/product_{i:06}.h5"),
+        code,
+        message: Some("Downloaded".into()),
+        host: Some("node1".into()),
+        user: Some(user.into()),
+        duration_s: Some(0.5),
+        source: Some(source.into()),
+        from_cluster: Some("test.pump".into()),
+        to_clusters: vec![],
+        flow: None,
+        size_bytes: Some(1000),
+        identity: Some(Identity {
+            method: "md5".into(),
+            value: format!("{i:032x}"),
+        }),
+        time_completed: None,
+        stamped_client: None,
+        stamped_source: None,
+        extra: Headers::new(),
+    }
+}
+
+/// Collects everything arriving on a queue bound to `exchange`.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<(String, Headers, Vec<u8>)>>>);
+
+impl Seen {
+    fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+    fn rel_paths(&self) -> HashSet<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(_, _, body)| {
+                let text = String::from_utf8_lossy(body);
+                text.split_whitespace().nth(2).map(str::to_owned)
+            })
+            .collect()
+    }
+}
+
+async fn watch(url: &str, exchange: &str, queue: &str) -> (Client, Seen) {
+    let t = Topology {
+        exchanges: vec![pumpwatch::amqp::ExchangeDecl::topic(exchange)],
+        queues: vec![QueueDecl {
+            name: queue.into(),
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            arguments: Headers::new(),
+        }],
+        bindings: vec![BindingDecl {
+            queue: queue.into(),
+            exchange: exchange.into(),
+            routing_key: "#".into(),
+        }],
+    };
+    let client = Client::connect(
+        url,
+        ConnectOptions {
+            name: format!("watch {queue}"),
+            topology: t,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut consumer = client.consume(queue, 1000).await.unwrap();
+    let seen = Seen::default();
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            let d: Delivery = d;
+            s.0.lock().unwrap().push((
+                d.routing_key.clone(),
+                d.props.headers.clone(),
+                d.body.clone(),
+            ));
+            let _ = d.ack().await;
+        }
+    });
+    (client, seen)
+}
+
+async fn wait_count(seen: &Seen, n: usize, what: &str) {
+    let s = seen.clone();
+    common::wait_until(what, T, || {
+        let len = s.len();
+        async move { len >= n }
+    })
+    .await;
+}
+
+/// Publishes every message with confirms, republishing those whose confirm was lost to a
+/// closed connection, as a careful producer does (duplicates are possible, losses not).
+async fn publish_all(url: &str, exchange: &str, msgs: &[Outgoing]) {
+    let client = Client::connect(
+        url,
+        ConnectOptions {
+            name: "test publisher".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut todo: Vec<usize> = (0..msgs.len()).collect();
+    for _round in 0..10 {
+        let mut retry = Vec::new();
+        for chunk in todo.chunks(2000) {
+            let mut pending = Vec::new();
+            for &i in chunk {
+                match client.publish(exchange, &msgs[i]).await {
+                    Ok(c) => pending.push((i, c)),
+                    Err(e) if e.is_transient() => retry.push(i),
+                    Err(e) => panic!("publish: {e}"),
+                }
+            }
+            for (i, c) in pending {
+                match c.wait().await {
+                    Ok(()) => {}
+                    Err(e) if e.is_transient() => retry.push(i),
+                    Err(e) => panic!("confirm: {e}"),
+                }
+            }
+        }
+        if retry.is_empty() {
+            client.close().await;
+            return;
+        }
+        todo = retry;
+    }
+    panic!("could not publish everything in 10 rounds");
+}
+
+fn start_route(
+    p: &Pump,
+) -> (
+    Shutdown,
+    tokio::task::JoinHandle<Result<(), route::RouteError>>,
+    Arc<route::Counters>,
+) {
+    let cfg = route::Config::new(p.vh.amqp_url.clone(), p.config.clone());
+    let shutdown = Shutdown::new();
+    let counters = Arc::new(route::Counters::default());
+    let h = tokio::spawn(route::run(cfg, shutdown.clone(), counters.clone()));
+    (shutdown, h, counters)
+}
+
+/// Waits for route's queues to exist (it declares them on connect).
+async fn route_ready(vh: &TestVhost) {
+    common::wait_until("route's queues are declared", T, || {
+        let (m, v) = (vh.mgmt.clone(), vh.name.clone());
+        async move {
+            m.get_queue(&v, "q_guest.route.validate")
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reports_reach_their_source_and_only_theirs() {
+    let Some(p) = pump("route").await else { return };
+    let (shutdown, handle, counters) = start_route(&p);
+    route_ready(&p.vh).await;
+    let url = p.vh.amqp_url.as_str();
+    let (_c1, radar) = watch(url, &format!("xr_{}", p.radar), "obs.radar").await;
+    let (_c2, sat) = watch(url, &format!("xr_{}", p.sat), "obs.sat").await;
+    let (_c3, rejected) = watch(url, "xrejected", "obs.rejected").await;
+
+    let cfs = p.cfs.name.as_str();
+    let mut msgs = Vec::new();
+    for i in 0..500 {
+        msgs.push(emit(
+            &report(&p.radar, cfs, i, if i % 5 == 0 { 499 } else { 201 }),
+            Format::V02,
+        ));
+        msgs.push(emit(
+            &report(&p.sat, cfs, 1000 + i, 201),
+            if i % 2 == 0 { Format::V03 } else { Format::V01 },
+        ));
+    }
+    for i in 0..50 {
+        msgs.push(emit(&report(&p.radar, "edu", 2000 + i, 201), Format::V02));
+    }
+    for i in 0..20 {
+        let body = match i % 4 {
+            0 => b"garbage".to_vec(),
+            1 => vec![0xff, 0xfe, 0x00],
+            2 => b"{\"pubTime\": ".to_vec(),
+            _ => b"20240101T000000 http://h x 999999 n u 1".to_vec(),
+        };
+        msgs.push(Outgoing {
+            routing_key: "v02.report.x".into(),
+            body,
+            content_type: "text/plain",
+            headers: Headers::new(),
+        });
+    }
+    // cfs publishes with its own account, on its own exchange, as a consumer would.
+    publish_all(&p.cfs.amqp_url, &format!("xs_{cfs}"), &msgs).await;
+
+    wait_count(&radar, 500, "500 reports on xr_radar").await;
+    wait_count(&sat, 500, "500 reports on xr_sat").await;
+    wait_count(&rejected, 70, "70 rejects").await;
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
+
+    for (seen, source) in [(&radar, &p.radar), (&sat, &p.sat)] {
+        let all = seen.0.lock().unwrap();
+        assert_eq!(all.len(), 500, "exactly 500 on xr_{source}");
+        for (_, h, _) in all.iter() {
+            assert_eq!(h.get_str("pumpwatch_client"), Some(cfs));
+            assert_eq!(h.get_str("pumpwatch_source"), Some(source.as_str()));
+        }
+    }
+    let rej = rejected.0.lock().unwrap();
+    assert_eq!(rej.len(), 70);
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, h, _) in rej.iter() {
+        let r = h.get_str("pumpwatch_reason").expect("a reason");
+        *reasons
+            .entry(r.split(':').next().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(reasons.get("spoofed"), Some(&50), "{reasons:?}");
+    assert_eq!(reasons.get("malformed"), Some(&20), "{reasons:?}");
+    // The original bytes are kept.
+    assert!(rej.iter().any(|(_, _, b)| b == b"garbage"));
+    assert_eq!(counters.get("validate", "rejected"), 70);
+    assert_eq!(counters.get("dispatch", "routed"), 1000);
+}
+
+#[tokio::test]
+async fn sr3_report_is_attributed_through_the_announcement_it_answers() {
+    let Some(p) = pump("routesr3").await else {
+        return;
+    };
+    let (shutdown, handle, _) = start_route(&p);
+    route_ready(&p.vh).await;
+    let url = p.vh.amqp_url.as_str();
+    let (_c, radar) = watch(url, &format!("xr_{}", p.radar), "obs.radar").await;
+    // radar announces a product on its own exchange...
+    let ann = Outgoing {
+        routing_key: "v03.20240101.radar.h5".into(),
+        body: format!(
+            r#"{{"pubTime":"20240101T130241.101","baseUrl":"https://pump","relPath":"20240101/radar/h5/scan.h5","identity":{{"method":"sha512","value":"q1w2e3r4t5y6"}},"source":"{}"}}"#,
+            p.radar
+        )
+        .into_bytes(),
+        content_type: "application/json",
+        headers: Headers::new(),
+    };
+    publish_all(&p.radar_user.amqp_url, &format!("xs_{}", p.radar), &[ann]).await;
+    // ...and cfs, running sr3, reports with source overwritten by its own user and the
+    // local path it wrote to.
+    let cfs = p.cfs.name.as_str();
+    let rep = Outgoing {
+        routing_key: "v03.home.cfs.data".into(),
+        body: format!(
+            r#"{{"pubTime":"20240101T130241.101","baseUrl":"file:/","relPath":"/home/cfs/data/scan.h5","source":"{cfs}","report":{{"code":201,"timeCompleted":"20240101T130245.5","message":"Download successful"}}}}"#
+        )
+        .into_bytes(),
+        content_type: "application/json",
+        headers: Headers::new(),
+    };
+    publish_all(&p.cfs.amqp_url, &format!("xs_{cfs}"), &[rep]).await;
+    wait_count(&radar, 1, "the sr3 report on xr_radar").await;
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
+    let all = radar.0.lock().unwrap();
+    assert_eq!(all[0].1.get_str("pumpwatch_client"), Some(cfs));
+    assert_eq!(all[0].1.get_str("pumpwatch_source"), Some(p.radar.as_str()));
+}
+
+/// 20 000 reports; `route` loses its connection (or its life) in the middle; every report
+/// still reaches its source (duplicates allowed, losses not).
+async fn nothing_lost(prefix: &str, kill: bool) {
+    let Some(p) = pump(prefix).await else { return };
+    let url = p.vh.amqp_url.clone();
+    let cfs = p.cfs.name.clone();
+    // Route as a real process, so SIGKILL is real.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_path = dir.path().join("pumpwatch.toml");
+    let mut toml = String::new();
+    for u in p.config.users.values() {
+        toml.push_str(&format!(
+            "[users.\"{}\"]\nrole = \"{}\"\n",
+            u.name,
+            u.role.name()
+        ));
+    }
+    std::fs::write(&cfg_path, toml).unwrap();
+    let cfg_arg = cfg_path.to_str().unwrap().to_owned();
+    let args = [
+        "--config",
+        cfg_arg.as_str(),
+        "--broker",
+        url.as_str(),
+        "route",
+    ];
+    let mut routed = common::proc::spawn(&args);
+    route_ready(&p.vh).await;
+    let (_c1, radar) = watch(&url, &format!("xr_{}", p.radar), "obs.radar").await;
+    let (_c2, sat) = watch(&url, &format!("xr_{}", p.sat), "obs.sat").await;
+    let n = 20_000;
+    let msgs: Vec<Outgoing> = (0..n)
+        .map(|i| {
+            emit(
+                &report(if i % 2 == 0 { &p.radar } else { &p.sat }, &cfs, i, 201),
+                Format::V02,
+            )
+        })
+        .collect();
+    let publisher = {
+        let (u, x) = (p.cfs.amqp_url.clone(), format!("xs_{cfs}"));
+        tokio::spawn(async move { publish_all(&u, &x, &msgs).await })
+    };
+    // Strike in the middle of the stream.
+    let (r, s) = (radar.clone(), sat.clone());
+    common::wait_until("route is half way", T, || {
+        let n = r.len() + s.len();
+        async move { n >= 5_000 }
+    })
+    .await;
+    if kill {
+        routed.signal("KILL");
+        let _ = routed.finish(T).await;
+        routed = common::proc::spawn(&args);
+    } else {
+        let conns = p.vh.mgmt.list_connections().await.unwrap();
+        for c in conns.iter().filter(|c| c.vhost == p.vh.name) {
+            let _ = p.vh.mgmt.close_connection(&c.name).await;
+        }
+    }
+    publisher.await.unwrap();
+    let (r, s) = (radar.clone(), sat.clone());
+    common::wait_until(
+        "every report reached its source",
+        Duration::from_secs(180),
+        || {
+            let got = r.rel_paths().len() + s.rel_paths().len();
+            async move { got >= n }
+        },
+    )
+    .await;
+    let got: HashSet<String> = radar.rel_paths().union(&sat.rel_paths()).cloned().collect();
+    assert_eq!(got.len(), n, "no report lost");
+    routed.signal("TERM");
+    let (code, _, err) = routed.finish(Duration::from_secs(10)).await;
+    assert_eq!(code, 0, "route exits 0 on SIGTERM: {err}");
+}
+
+#[tokio::test]
+async fn nothing_lost_when_route_is_killed() {
+    nothing_lost("routekill", true).await;
+}
+
+#[tokio::test]
+async fn nothing_lost_when_connections_are_closed() {
+    nothing_lost("routeclose", false).await;
+}
