@@ -325,6 +325,30 @@ async fn unroutable_and_missing_exchange_are_reported() {
         .await
         .unwrap();
 
+    // A full queue that rejects publishes: the broker nacks.
+    let full = Topology {
+        queues: vec![QueueDecl {
+            arguments: [
+                ("x-max-length", HeaderValue::Int(0)),
+                ("x-overflow", "reject-publish".into()),
+            ]
+            .into_iter()
+            .collect(),
+            ..QueueDecl::durable("q_u.full")
+        }],
+        bindings: vec![BindingDecl::new("q_u.full", "xs_u", "full.#")],
+        ..Default::default()
+    };
+    client.declare(&full).await.expect("declare full queue");
+    let err = client
+        .publish("xs_u", &outgoing("full.1", "x", Headers::new()))
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap_err();
+    assert_eq!(err, AmqpError::Nacked);
+
     // A consumer on a missing queue: a NotFound error, not a hang.
     let err = client.consume("q_missing", 1).await.unwrap_err();
     assert!(matches!(err, AmqpError::NotFound(_)), "{err}");
@@ -633,7 +657,24 @@ async fn ten_thousand_publishes_with_batched_confirms() {
         2 * N,
         (2 * N) as f64 / secs
     );
+    // Confirms still pending when the connection goes resolve (Ok or Closed), never hang.
+    let mut pending = Vec::new();
+    for m in &msgs[..2_000] {
+        pending.push(client.publish("xs_p", m).await.expect("publish"));
+    }
     client.close().await;
+    let (mut ok, mut closed) = (0, 0);
+    for p in pending {
+        match tokio::time::timeout(WAIT, p.wait())
+            .await
+            .expect("confirm resolves")
+        {
+            Ok(()) => ok += 1,
+            Err(AmqpError::Closed(_)) => closed += 1,
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+    println!("pending at close: {ok} confirmed, {closed} closed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
