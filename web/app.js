@@ -50,7 +50,8 @@
       cursor: { show: false }, select: { show: false }, legend: { show: false },
       scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(max, 1e-9) * 1.1] } },
       axes: [{ show: false }, { show: false }],
-      series: [{}, { stroke: "#1b873f", fill: "rgba(27,135,63,0.15)", width: 1 }, { stroke: "#c81e1e", width: 1 }],
+      series: [{}, { stroke: "#1b873f", fill: "rgba(27,135,63,0.15)", width: 1, points: { show: false } },
+        { stroke: "#c81e1e", width: 1, points: { show: false } }],
     };
   }
 
@@ -242,10 +243,10 @@
   function makeTotalChart() {
     const el = $("total-chart");
     totalPlot = new uPlot({
-      width: Math.max(300, el.clientWidth), height: 150,
+      width: Math.max(300, el.clientWidth), height: 130,
       scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(max, 1e-9) * 1.1] } },
-      series: [{}, { label: "good files/s", stroke: "#1b873f", fill: "rgba(27,135,63,0.12)", width: 1.5 },
-        { label: "errors/s", stroke: "#c81e1e", width: 1.5 }],
+      series: [{}, { label: "good files/s", stroke: "#1b873f", fill: "rgba(27,135,63,0.12)", width: 1.5, points: { show: false } },
+        { label: "errors/s", stroke: "#c81e1e", width: 1.5, points: { show: false } }],
     }, [[], [], []], el);
     fetch("/api/history?kind=total&name=all")
       .then((r) => r.json())
@@ -256,7 +257,7 @@
         schedule();
       })
       .catch(() => {});
-    window.addEventListener("resize", () => totalPlot.setSize({ width: Math.max(300, el.clientWidth), height: 150 }));
+    window.addEventListener("resize", () => totalPlot.setSize({ width: Math.max(300, el.clientWidth), height: 130 }));
   }
 
   // ---- wiring -------------------------------------------------------------------

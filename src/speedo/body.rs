@@ -293,10 +293,18 @@ mod tests {
         }
     }
 
+    /// (subject, scope, topic, headers)
+    type Case = (
+        Subject,
+        Option<&'static str>,
+        &'static str,
+        &'static [(&'static str, &'static str)],
+    );
+
     #[test]
     fn topics_and_headers() {
         let r = reading();
-        let table: [(Subject, Option<&str>, &str, &[(&str, &str)]); 6] = [
+        let table: [Case; 6] = [
             (
                 Subject::Client("cfs".into()),
                 None,
