@@ -35,7 +35,11 @@ fn config() -> Config {
 
 /// A report of `cfs` on radar product `i`, stamped as route would; v02 and v03 alternate.
 fn report(i: usize, code: u16, size: u64) -> Outgoing {
-    let format = if i.is_multiple_of(2) { Format::V02 } else { Format::V03 };
+    let format = if i.is_multiple_of(2) {
+        Format::V02
+    } else {
+        Format::V03
+    };
     let mut r = Report {
         format,
         topic: String::new(),
