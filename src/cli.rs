@@ -47,6 +47,8 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// Validate reports and route each to its product's source (daemon).
     Route(RouteArgs),
+    /// Declare the pump on the broker: users, permissions, exchanges, queues.
+    Setup(crate::setup::Args),
 }
 
 #[derive(Debug, Args)]

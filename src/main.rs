@@ -8,7 +8,7 @@ use pumpwatch::core::Headers;
 use pumpwatch::core::filter::Filter;
 use pumpwatch::core::report::{Format, Report};
 use pumpwatch::core::stamp::Stamp;
-use pumpwatch::{log, report_cmd, route, shutdown, simulate};
+use pumpwatch::{log, report_cmd, route, setup, shutdown, simulate};
 use std::process::ExitCode;
 
 /// A failure, with the exit code it maps to.
@@ -98,11 +98,22 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         .clone()
         .or_else(|| config.broker.clone())
         .unwrap_or_else(|| config::DEFAULT_BROKER.to_owned());
+    let admin_arg = cli.admin_url.clone();
     match cli.command {
         Command::Log(args) => run_log(args, broker, &config).await,
         Command::Report(args) => run_report(args, broker).await,
         Command::Simulate(args) => run_simulate(args, broker).await,
         Command::Route(args) => run_route(args, broker, config).await,
+        Command::Setup(args) => {
+            let admin = admin_arg
+                .or_else(|| config.admin_url.clone())
+                .unwrap_or_else(|| config::DEFAULT_ADMIN_URL.into());
+            match setup::main(args, &config, &broker, &admin, &mut std::io::stdout()).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.is_usage() => Err(Failure::Usage(e.to_string())),
+                Err(e) => Err(Failure::Runtime(e.to_string())),
+            }
+        }
     }
 }
 

@@ -113,3 +113,23 @@ pub fn speedo_queue(config: &Config, feeder: &str) -> QueueShape {
         bindings: vec![(config.exchanges.report.clone(), "#".into())],
     }
 }
+
+/// Reports waiting to go to neighbour `cluster`: bound to `xforward_<cluster>`; the dynamic
+/// shovel of SPEC §4.8 drains it to the neighbour's `xreport`, so a neighbour that is down
+/// gets its reports when it comes back.
+pub fn forward_queue(config: &Config, feeder: &str, cluster: &str) -> QueueShape {
+    QueueShape {
+        name: format!("q_{feeder}.forward.{cluster}"),
+        arguments: base_args(config.route.queue_type),
+        bindings: vec![(forward_exchange(cluster), "#".into())],
+    }
+}
+
+/// The neighbours reports are sent to directly (those without `via`).
+pub fn next_hops(config: &Config) -> impl Iterator<Item = &str> {
+    config
+        .neighbours
+        .values()
+        .filter(|n| n.via.is_none())
+        .map(|n| n.name.as_str())
+}

@@ -97,9 +97,12 @@ fn report(source: &str, user: &str, i: usize, code: u16) -> Report {
     }
 }
 
+/// (routing key, headers, body) of one message seen.
+type Msg = (String, Headers, Vec<u8>);
+
 /// Collects everything arriving on a queue bound to `exchange`.
 #[derive(Clone, Default)]
-struct Seen(Arc<Mutex<Vec<(String, Headers, Vec<u8>)>>>);
+struct Seen(Arc<Mutex<Vec<Msg>>>);
 
 impl Seen {
     fn len(&self) -> usize {

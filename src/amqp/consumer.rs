@@ -305,11 +305,31 @@ impl Delivery {
         self.settle(Some(requeue)).await
     }
 
+    /// Acknowledges this delivery and every earlier unsettled one of the same channel in
+    /// one frame (AMQP `multiple`). Only for callers that settle strictly in delivery
+    /// order and never settle those earlier ones again.
+    pub async fn ack_multiple(&self) -> Result<(), AmqpError> {
+        self.settle_with(None, true).await
+    }
+
+    /// Whether `other` came on the same channel (so one `ack_multiple` covers both).
+    pub fn same_channel(&self, other: &Delivery) -> bool {
+        Arc::ptr_eq(&self.chan, &other.chan)
+    }
+
     fn gone(&self) -> bool {
         self.acker.poisoned() || !self.chan.live.is_up() || !self.chan.channel.status().connected()
     }
 
     async fn settle(&self, nack_requeue: Option<bool>) -> Result<(), AmqpError> {
+        self.settle_with(nack_requeue, false).await
+    }
+
+    async fn settle_with(
+        &self,
+        nack_requeue: Option<bool>,
+        multiple: bool,
+    ) -> Result<(), AmqpError> {
         if self.gone() {
             debug!(
                 generation = self.chan.live.generation,
@@ -318,7 +338,7 @@ impl Delivery {
             return Ok(());
         }
         let result = match nack_requeue {
-            None => self.acker.ack(BasicAckOptions::default()).await,
+            None => self.acker.ack(BasicAckOptions { multiple }).await,
             Some(requeue) => {
                 self.acker
                     .nack(BasicNackOptions {

@@ -128,13 +128,13 @@ impl Validator {
                 format!("{} is reserved for pumpwatch", m.routing_key),
             ),
             Message::Report(r) => {
-                if let (Some(user), Some(owner)) = (r.user.as_deref(), owner) {
-                    if user != owner {
-                        return reject(
-                            Reason::Spoofed,
-                            format!("user field {user:?} posted on {}", m.exchange),
-                        );
-                    }
+                if let (Some(user), Some(owner)) = (r.user.as_deref(), owner)
+                    && user != owner
+                {
+                    return reject(
+                        Reason::Spoofed,
+                        format!("user field {user:?} posted on {}", m.exchange),
+                    );
                 }
                 let mut stamps = Vec::with_capacity(2);
                 if let Some(c) = attribution::client(&r, m.user_id, &self.accounts) {
@@ -184,18 +184,18 @@ impl Dispatcher {
             }
             Err(e) => return parse_error(e),
         };
-        if let Some(from) = r.from_cluster.as_deref().filter(|c| *c != self.cluster) {
-            if let Some(hop) = self.routes.get(from) {
-                let hops = m.headers.get(H_HOPS).and_then(|v| v.as_i64()).unwrap_or(0);
-                if hops >= i64::from(self.max_hops) {
-                    return reject(Reason::TooManyHops, format!("{hops} hops, from {from}"));
-                }
-                return Outcome::Forward {
-                    exchange: format!("xforward_{hop}"),
-                    stamps: vec![(H_HOPS, (hops + 1).to_string())],
-                    kind: ForwardKind::ToPump,
-                };
+        if let Some(from) = r.from_cluster.as_deref().filter(|c| *c != self.cluster)
+            && let Some(hop) = self.routes.get(from)
+        {
+            let hops = m.headers.get(H_HOPS).and_then(|v| v.as_i64()).unwrap_or(0);
+            if hops >= i64::from(self.max_hops) {
+                return reject(Reason::TooManyHops, format!("{hops} hops, from {from}"));
             }
+            return Outcome::Forward {
+                exchange: crate::names::forward_exchange(hop),
+                stamps: vec![(H_HOPS, (hops + 1).to_string())],
+                kind: ForwardKind::ToPump,
+            };
         }
         let stamped = r
             .stamped_source
@@ -214,5 +214,158 @@ impl Dispatcher {
             },
             None => reject(Reason::UnknownSource, r.rel_path.clone()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::Headers;
+    use std::collections::HashMap;
+
+    fn accounts() -> Accounts {
+        Accounts {
+            sources: ["radar".to_owned()].into(),
+            others: ["cfs".to_owned(), "edu".to_owned()].into(),
+        }
+    }
+
+    fn validator() -> Validator {
+        Validator {
+            accounts: accounts(),
+            index: AnnouncementIndex::new(100),
+            relpath: Regex::new(crate::config::DEFAULT_RELPATH_PATTERN).unwrap(),
+            max_body: 1000,
+            report_exchange: "xreport".into(),
+        }
+    }
+
+    fn dispatcher() -> Dispatcher {
+        Dispatcher {
+            accounts: accounts(),
+            relpath: Regex::new(crate::config::DEFAULT_RELPATH_PATTERN).unwrap(),
+            max_body: 1000,
+            cluster: "here".into(),
+            routes: HashMap::from([
+                ("far".to_owned(), "near".to_owned()),
+                ("near".to_owned(), "near".to_owned()),
+            ]),
+            max_hops: 8,
+        }
+    }
+
+    fn msg<'a>(exchange: &'a str, key: &'a str, body: &'a [u8], h: &'a Headers) -> Incoming<'a> {
+        Incoming {
+            exchange,
+            routing_key: key,
+            body,
+            content_type: None,
+            user_id: None,
+            headers: h,
+        }
+    }
+
+    const V02: &[u8] = b"20240101T000000 http://h 20240101/radar/a.h5 201 n1 cfs 0.1";
+
+    #[test]
+    fn validate_outcomes() {
+        let mut v = validator();
+        let h = Headers::new();
+        match v.validate(&msg("xs_cfs", "v02.report.a", V02, &h)) {
+            Outcome::Forward {
+                exchange,
+                stamps,
+                kind,
+            } => {
+                assert_eq!(
+                    (exchange.as_str(), kind),
+                    ("xreport", ForwardKind::Validated)
+                );
+                assert_eq!(
+                    stamps,
+                    vec![(H_CLIENT, "cfs".to_owned()), (H_SOURCE, "radar".to_owned())]
+                );
+            }
+            o => panic!("{o:?}"),
+        }
+        let cases: [(&str, &[u8], Reason); 4] = [
+            ("xs_edu", V02, Reason::Spoofed),
+            ("xs_cfs", b"garbage", Reason::Malformed),
+            ("xs_cfs", &[b'x'; 2000], Reason::TooLarge),
+            ("xs_cfs", b"", Reason::Malformed),
+        ];
+        for (x, body, want) in cases {
+            match v.validate(&msg(x, "v02.report.a", body, &h)) {
+                Outcome::Reject { reason, detail } => assert_eq!(reason, want, "{detail}"),
+                o => panic!("{o:?}"),
+            }
+        }
+        let speedo = v.validate(&msg("xs_cfs", "v01.speedo.client.all", b"x", &h));
+        assert!(matches!(
+            speedo,
+            Outcome::Reject {
+                reason: Reason::NotAReport,
+                ..
+            }
+        ));
+        let ann = v.validate(&msg(
+            "xs_radar",
+            "v02.post.a",
+            b"20240101T000000 http://h /x/a.h5",
+            &h,
+        ));
+        assert_eq!(ann, Outcome::Consumed(Consumed::AnnouncementIndexed));
+    }
+
+    #[test]
+    fn dispatch_outcomes() {
+        let d = dispatcher();
+        let mut h = Headers::new();
+        h.set(H_SOURCE, "radar");
+        let o = d.dispatch(&msg("xreport", "v02.report.a", V02, &h));
+        assert!(
+            matches!(o, Outcome::Forward { ref exchange, ref stamps, kind: ForwardKind::ToSource } if exchange == "xr_radar" && stamps.is_empty()),
+            "{o:?}"
+        );
+        let none = Headers::new();
+        let o = d.dispatch(&msg(
+            "xreport",
+            "v02.report.a",
+            b"20240101T000000 http://h x/a.h5 201 n1 cfs 0.1",
+            &none,
+        ));
+        assert!(
+            matches!(
+                o,
+                Outcome::Reject {
+                    reason: Reason::UnknownSource,
+                    ..
+                }
+            ),
+            "{o:?}"
+        );
+        let mut far = Headers::new();
+        far.set("from_cluster", "far");
+        let o = d.dispatch(&msg("xreport", "v02.report.a", V02, &far));
+        assert!(
+            matches!(o, Outcome::Forward { ref exchange, kind: ForwardKind::ToPump, .. } if exchange == "xforward_near"),
+            "{o:?}"
+        );
+        far.set(H_HOPS, 8i64);
+        let o = d.dispatch(&msg("xreport", "v02.report.a", V02, &far));
+        assert!(
+            matches!(
+                o,
+                Outcome::Reject {
+                    reason: Reason::TooManyHops,
+                    ..
+                }
+            ),
+            "{o:?}"
+        );
+        assert_eq!(
+            d.dispatch(&msg("xreport", "v01.speedo.client.x", b"1", &none)),
+            Outcome::Consumed(Consumed::Control)
+        );
     }
 }

@@ -121,6 +121,10 @@ pub fn topology(cfg: &Config) -> Topology {
         names::rejected_queue(p, &cfg.feeder),
         names::dispatch_queue(p, &cfg.feeder),
     ];
+    for hop in names::next_hops(p) {
+        exchanges.push(ExchangeDecl::topic(names::forward_exchange(hop)));
+        shapes.push(names::forward_queue(p, &cfg.feeder, hop));
+    }
     if cfg.stage != Stage::Dispatch {
         shapes.push(names::validate_queue(p, &cfg.feeder));
     }
@@ -392,35 +396,76 @@ fn short(s: &str) -> HeaderValue {
     HeaderValue::Str(crate::core::topic::truncated(s, crate::core::topic::MAX_SHORT).to_owned())
 }
 
-/// Awaits each confirm in order and settles its input. Ack only after the confirm.
+/// Acks are sent as one `multiple` ack per this many settled inputs at most (fewer frames,
+/// fewer wake-ups); any gap in the stream flushes sooner.
+const ACK_BATCH: usize = 64;
+
+/// Awaits each confirm in order and settles its input. Ack only after the confirm. Inputs
+/// arrive in delivery order from one consumer channel, so consecutive successes are acked
+/// together with `multiple`; a failure first flushes the acks before it.
 async fn acker(mut rx: mpsc::Receiver<InFlight>, counters: Arc<Counters>, stage: StageName) {
-    while let Some(f) = rx.recv().await {
+    let mut held: Option<Delivery> = None;
+    let mut batched = 0usize;
+    async fn flush(held: &mut Option<Delivery>, batched: &mut usize) {
+        if let Some(d) = held.take() {
+            let _ = d.ack_multiple().await;
+        }
+        *batched = 0;
+    }
+    loop {
+        let f = match rx.try_recv() {
+            Ok(f) => f,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                flush(&mut held, &mut batched).await;
+                match rx.recv().await {
+                    Some(f) => f,
+                    None => break,
+                }
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+        };
         let result = match f.confirm {
             Some(c) => c.wait().await,
             None => Ok(()),
         };
-        match result {
+        let ok = match result {
             Ok(()) => {
                 if let Some(k) = f.kind {
                     counters.forwarded(stage, k);
                 }
-                let _ = f.delivery.ack().await;
+                true
             }
             // Nobody listens to this source's reports and it keeps none: the source was
             // offline with no retained queue. The broker dropped it; count it and go on.
             Err(AmqpError::Unroutable { .. }) if f.kind == Some(ForwardKind::ToSource) => {
                 counters.unheard(stage);
-                let _ = f.delivery.ack().await;
+                true
             }
             // Connection lost: the input is redelivered by the broker; acking is a no-op.
-            Err(e) if e.is_transient() => tracing::debug!("confirm lost: {e}"),
+            Err(e) if e.is_transient() => {
+                tracing::debug!("confirm lost: {e}");
+                false
+            }
             Err(e) => {
                 tracing::warn!(?stage, "output not confirmed ({e}); requeueing the input");
                 counters.retried(stage);
+                flush(&mut held, &mut batched).await;
                 // Do not spin on a broker that keeps refusing.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let _ = f.delivery.nack(true).await;
+                false
+            }
+        };
+        if ok {
+            if held.as_ref().is_some_and(|h| !h.same_channel(&f.delivery)) {
+                flush(&mut held, &mut batched).await;
+            }
+            held = Some(f.delivery);
+            batched += 1;
+            if batched >= ACK_BATCH {
+                flush(&mut held, &mut batched).await;
             }
         }
     }
+    flush(&mut held, &mut batched).await;
 }
