@@ -424,6 +424,8 @@ impl Client {
                 Ok(confirm) => {
                     return Ok(PendingConfirm {
                         inner: Some(confirm),
+                        exchange: exchange.to_owned(),
+                        routing_key: routing_key.to_owned(),
                     });
                 }
                 Err(e) => e,
@@ -535,6 +537,11 @@ fn forward_props(raw: &BasicProperties, keep_user: bool, extra: &Headers) -> Bas
 #[must_use = "await it to know whether the broker took the message"]
 pub struct PendingConfirm {
     inner: Option<lapin::PublisherConfirm>,
+    /// Where it went: lapin hands a returned message to whichever confirm completes next
+    /// (with `multiple` acks, in no set order), so a return is only believed when it names
+    /// this publish's exchange and routing key.
+    exchange: String,
+    routing_key: String,
 }
 
 impl std::fmt::Debug for PendingConfirm {
@@ -554,6 +561,13 @@ impl PendingConfirm {
         };
         match confirm.await {
             Ok(Confirmation::Ack(None)) | Ok(Confirmation::NotRequested) => Ok(()),
+            Ok(Confirmation::Ack(Some(returned)))
+                if returned.delivery.exchange.as_str() != self.exchange
+                    || returned.delivery.routing_key.as_str() != self.routing_key =>
+            {
+                tracing::debug!("a returned message of another publish; this one was confirmed");
+                Ok(())
+            }
             Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned)))
                 if returned.reply_code == 312 =>
             {
