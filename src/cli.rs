@@ -49,6 +49,10 @@ pub enum Command {
     Route(RouteArgs),
     /// Declare the pump on the broker: users, permissions, exchanges, queues.
     Setup(crate::setup::Args),
+    /// Publish speedometers (per client, per source, all) at set intervals (daemon).
+    Speedo(crate::speedo::Args),
+    /// Live dashboard, /api/status, /api/events, /metrics (daemon).
+    Serve(crate::serve::Args),
 }
 
 #[derive(Debug, Args)]

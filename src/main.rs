@@ -8,7 +8,7 @@ use pumpwatch::core::Headers;
 use pumpwatch::core::filter::Filter;
 use pumpwatch::core::report::{Format, Report};
 use pumpwatch::core::stamp::Stamp;
-use pumpwatch::{log, report_cmd, route, setup, shutdown, simulate};
+use pumpwatch::{log, report_cmd, route, serve, setup, shutdown, simulate, speedo};
 use std::process::ExitCode;
 
 /// A failure, with the exit code it maps to.
@@ -50,7 +50,10 @@ fn main() -> ExitCode {
         }
     };
     // Daemons say what they do at info; one-shot commands only warn.
-    let daemon = matches!(cli.command, Command::Route(_));
+    let daemon = matches!(
+        cli.command,
+        Command::Route(_) | Command::Speedo(_) | Command::Serve(_)
+    );
     init_tracing(cli.verbose + u8::from(daemon));
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -104,6 +107,14 @@ async fn dispatch(cli: Cli) -> Result<(), Failure> {
         Command::Report(args) => run_report(args, broker).await,
         Command::Simulate(args) => run_simulate(args, broker).await,
         Command::Route(args) => run_route(args, broker, config).await,
+        Command::Speedo(args) => {
+            let r = speedo::main(args, &config, &broker, shutdown::on_signals()).await;
+            r.map_err(daemon_failure)
+        }
+        Command::Serve(args) => {
+            let r = serve::main(args, &config, &broker, shutdown::on_signals()).await;
+            r.map_err(daemon_failure)
+        }
         Command::Setup(args) => {
             let admin = admin_arg
                 .or_else(|| config.admin_url.clone())
@@ -276,4 +287,11 @@ async fn run_route(a: RouteArgs, broker: String, config: Config) -> Result<(), F
     route::run(cfg, shutdown::on_signals(), counters)
         .await
         .map_err(|e| Failure::Runtime(e.to_string()))
+}
+
+fn daemon_failure(e: speedo::Error) -> Failure {
+    match e {
+        speedo::Error::Usage(m) => Failure::Usage(m),
+        e => Failure::Runtime(e.to_string()),
+    }
 }
