@@ -478,6 +478,19 @@ impl Config {
         self.users.get(user).map(|u| u.role)
     }
 
+    /// The declared accounts, as attribution sees them.
+    pub fn accounts(&self) -> crate::core::attribution::Accounts {
+        let mut a = crate::core::attribution::Accounts::default();
+        for u in self.users.values() {
+            if u.role == Role::Source {
+                a.sources.insert(u.name.clone());
+            } else {
+                a.others.insert(u.name.clone());
+            }
+        }
+        a
+    }
+
     pub fn sources(&self) -> impl Iterator<Item = &User> {
         self.users.values().filter(|u| u.role == Role::Source)
     }

@@ -133,3 +133,41 @@ pub fn next_hops(config: &Config) -> impl Iterator<Item = &str> {
         .filter(|n| n.via.is_none())
         .map(|n| n.name.as_str())
 }
+
+impl QueueShape {
+    /// The queue and its bindings as AMQP declarations, so a daemon declares exactly what
+    /// `setup` does.
+    pub fn topology(&self) -> crate::amqp::Topology {
+        use crate::amqp::{BindingDecl, QueueDecl, Topology};
+        use crate::core::{HeaderValue, Headers};
+        let mut arguments = Headers::new();
+        for (k, v) in &self.arguments {
+            let v = match v {
+                Arg::Int(i) => HeaderValue::Int(*i),
+                Arg::Str(s) => HeaderValue::Str(s.clone()),
+            };
+            arguments.set(k, v);
+        }
+        let queue = QueueDecl {
+            name: self.name.clone(),
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            arguments,
+        };
+        let bindings = self
+            .bindings
+            .iter()
+            .map(|(x, key)| BindingDecl {
+                queue: self.name.clone(),
+                exchange: x.clone(),
+                routing_key: key.clone(),
+            })
+            .collect();
+        Topology {
+            exchanges: vec![],
+            queues: vec![queue],
+            bindings,
+        }
+    }
+}

@@ -12,14 +12,13 @@ pub mod decide;
 pub mod stats;
 
 use crate::amqp::{
-    AmqpError, BindingDecl, Client, ConnectOptions, Delivery, ExchangeDecl, PendingConfirm,
-    QueueDecl, Topology,
+    AmqpError, Client, ConnectOptions, Delivery, ExchangeDecl, PendingConfirm, Topology,
 };
 use crate::config::{Config as PumpConfig, Role};
-use crate::core::attribution::{Accounts, AnnouncementIndex};
+use crate::core::attribution::AnnouncementIndex;
 use crate::core::report::{H_CLIENT, H_SOURCE};
 use crate::core::{HeaderValue, Headers};
-use crate::names::{self, Arg, QueueShape};
+use crate::names;
 use crate::shutdown::Shutdown;
 pub use decide::{Consumed, Dispatcher, ForwardKind, Outcome, Reason, Validator};
 pub use stats::{Counters, Stage as StageName};
@@ -73,36 +72,6 @@ pub enum RouteError {
     Broker(#[from] AmqpError),
 }
 
-fn accounts(pump: &PumpConfig) -> Accounts {
-    let mut a = Accounts::default();
-    for u in pump.users.values() {
-        if u.role == Role::Source {
-            a.sources.insert(u.name.clone());
-        } else {
-            a.others.insert(u.name.clone());
-        }
-    }
-    a
-}
-
-fn queue_decl(q: &QueueShape) -> QueueDecl {
-    let mut arguments = Headers::new();
-    for (k, v) in &q.arguments {
-        let v = match v {
-            Arg::Int(i) => HeaderValue::Int(*i),
-            Arg::Str(s) => HeaderValue::Str(s.clone()),
-        };
-        arguments.set(k, v);
-    }
-    QueueDecl {
-        name: q.name.clone(),
-        durable: true,
-        exclusive: false,
-        auto_delete: false,
-        arguments,
-    }
-}
-
 /// Everything route publishes to or reads from; declared at start and after reconnects.
 pub fn topology(cfg: &Config) -> Topology {
     let p = &cfg.pump;
@@ -133,14 +102,7 @@ pub fn topology(cfg: &Config) -> Topology {
         ..Topology::default()
     };
     for s in &shapes {
-        t.queues.push(queue_decl(s));
-        for (x, key) in &s.bindings {
-            t.bindings.push(BindingDecl {
-                queue: s.name.clone(),
-                exchange: x.clone(),
-                routing_key: key.clone(),
-            });
-        }
+        t.merge(&s.topology());
     }
     t
 }
@@ -168,7 +130,7 @@ pub async fn run(
     let mut tasks = tokio::task::JoinSet::new();
     if cfg.stage != Stage::Dispatch {
         let v = Validator {
-            accounts: accounts(p),
+            accounts: p.accounts(),
             index: AnnouncementIndex::new(p.route.index_size),
             relpath: p.route.relpath_pattern.clone(),
             max_body: p.route.max_body,
@@ -181,7 +143,7 @@ pub async fn run(
     }
     if cfg.stage != Stage::Validate {
         let d = Dispatcher {
-            accounts: accounts(p),
+            accounts: p.accounts(),
             relpath: p.route.relpath_pattern.clone(),
             max_body: p.route.max_body,
             cluster: p.cluster.clone(),

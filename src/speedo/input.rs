@@ -5,7 +5,7 @@
 //! those in `xreport` (and `route` rejects them), so the pump's totals still add up.
 
 use super::meter::{Sample, UNKNOWN};
-use crate::config::{Config, Role};
+use crate::config::Config;
 use crate::core::attribution::{self, Accounts};
 use crate::core::report::Report;
 use regex::Regex;
@@ -19,16 +19,8 @@ pub struct Attributor {
 
 impl Attributor {
     pub fn new(config: &Config) -> Attributor {
-        let mut accounts = Accounts::default();
-        for u in config.users.values() {
-            if u.role == Role::Source {
-                accounts.sources.insert(u.name.clone());
-            } else {
-                accounts.others.insert(u.name.clone());
-            }
-        }
         Attributor {
-            accounts,
+            accounts: config.accounts(),
             relpath: config.route.relpath_pattern.clone(),
         }
     }

@@ -23,14 +23,10 @@ pub use body::{Decoded, Reading, SpeedoError, Subject, decode, encode};
 pub use input::Attributor;
 pub use meter::{Counts, Sample, Settings, Speedo, Speedometers, Target, UNKNOWN};
 
-use crate::amqp::{
-    AmqpError, BindingDecl, Client, ConnectOptions, ExchangeDecl, PendingConfirm, QueueDecl,
-    Topology,
-};
+use crate::amqp::{AmqpError, Client, ConnectOptions, ExchangeDecl, PendingConfirm, Topology};
 use crate::config::{Config as PumpConfig, Role};
 use crate::core::report::{self, Message};
-use crate::core::{HeaderValue, Headers};
-use crate::names::{self, Arg};
+use crate::names;
 use crate::shutdown::Shutdown;
 use jiff::{SignedDuration, Timestamp};
 use std::collections::HashSet;
@@ -202,40 +198,13 @@ impl Clock {
 
 const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
-fn queue_decl(q: &names::QueueShape) -> QueueDecl {
-    let mut arguments = Headers::new();
-    for (k, v) in &q.arguments {
-        let v = match v {
-            Arg::Int(i) => HeaderValue::Int(*i),
-            Arg::Str(s) => HeaderValue::Str(s.clone()),
-        };
-        arguments.set(k, v);
-    }
-    QueueDecl {
-        name: q.name.clone(),
-        durable: true,
-        exclusive: false,
-        auto_delete: false,
-        arguments,
-    }
-}
-
 /// What speedo reads from and publishes to; declared at start and after reconnects.
 pub fn topology(cfg: &Config) -> Topology {
     let p = &cfg.pump;
     let q = names::speedo_queue(p, &cfg.feeder);
     let mut t = Topology {
         exchanges: vec![ExchangeDecl::topic(&p.exchanges.report)],
-        queues: vec![queue_decl(&q)],
-        bindings: q
-            .bindings
-            .iter()
-            .map(|(x, key)| BindingDecl {
-                queue: q.name.clone(),
-                exchange: x.clone(),
-                routing_key: key.clone(),
-            })
-            .collect(),
+        ..q.topology()
     };
     for u in p.users.values().filter(|u| u.role == Role::Source) {
         t.exchanges
