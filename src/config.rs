@@ -31,16 +31,32 @@ pub enum ConfigError {
 }
 
 /// A duration written as seconds (`300`, `0.5`) or as text (`"5m"`, `"1h 30m"`, `"PT5M"`).
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(untagged)]
-enum RawDuration {
-    Secs(f64),
-    Text(#[serde(deserialize_with = "de_text_duration")] Duration),
-}
+#[derive(Debug, Clone, Copy)]
+struct RawDuration(Duration);
 
-fn de_text_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_duration(&s).map_err(serde::de::Error::custom)
+impl<'de> Deserialize<'de> for RawDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = RawDuration;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a duration: seconds (300) or text (\"5m\", \"1h 30m\")")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<RawDuration, E> {
+                self.visit_f64(v as f64)
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawDuration, E> {
+                self.visit_f64(v as f64)
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<RawDuration, E> {
+                secs_to_duration(v).map(RawDuration).map_err(E::custom)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawDuration, E> {
+                parse_duration(v).map(RawDuration).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Parses `"300"`, `"0.5"`, `"5m"`, `"1h 30m"` or ISO 8601 `"PT5M"`; used for flags too.
@@ -65,10 +81,7 @@ fn secs_to_duration(secs: f64) -> Result<Duration, String> {
 
 impl RawDuration {
     fn get(self) -> Result<Duration, String> {
-        match self {
-            RawDuration::Secs(s) => secs_to_duration(s),
-            RawDuration::Text(d) => Ok(d),
-        }
+        Ok(self.0)
     }
 }
 
@@ -310,13 +323,17 @@ impl Config {
     /// Parses TOML text; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let start = e.span().map_or(0, |s| s.start.min(text.len()));
+            let line = text[..start].matches('\n').count() + 1;
+            let reason = e.message().replace('\n', " ");
+            let reason = match key_at(text, line) {
+                Some(key) => format!("{key}: {reason}"),
+                None => reason,
+            };
             ConfigError::Syntax {
                 file: file.to_owned(),
-                line: line.unwrap_or(0),
-                reason: e.message().replace('\n', " "),
+                line,
+                reason,
             }
         })?;
         Config::from_raw(raw, file)
@@ -494,6 +511,24 @@ impl Config {
     pub fn sources(&self) -> impl Iterator<Item = &User> {
         self.users.values().filter(|u| u.role == Role::Source)
     }
+}
+
+/// The dotted key set on `line` (1-based), e.g. `speedo.interval`, for error messages.
+fn key_at(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let here = lines.get(line.checked_sub(1)?)?.trim();
+    let (key, _) = here.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    let table = lines[..line - 1]
+        .iter()
+        .rev()
+        .map(|l| l.trim())
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').replace('"', ""));
+    Some(match table {
+        Some(t) => format!("{t}.{key}"),
+        None => key.to_owned(),
+    })
 }
 
 fn thresholds_from(
