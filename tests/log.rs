@@ -354,6 +354,8 @@ async fn broker_errors_exit_1_with_one_line_and_no_password() {
         (bad_password.as_str(), "access refused"),
         ("amqp://guest:guest@127.0.0.1:5672/no-such-vhost-pw", ""),
         ("not a url", "URL"),
+        // amqps really speaks TLS: against the plain port the handshake fails.
+        ("amqps://guest:guest@127.0.0.1:5672/", "cannot connect"),
     ] {
         let (code, out, err) = proc::run(&["--broker", url, "log", "--timeout", "5"], T).await;
         assert_eq!(code, 1, "{url}: {err}");
