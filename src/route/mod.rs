@@ -113,12 +113,19 @@ pub async fn run(
     shutdown: Shutdown,
     counters: Arc<Counters>,
 ) -> Result<(), RouteError> {
-    let opts = ConnectOptions {
-        name: format!("pumpwatch route ({})", cfg.feeder),
-        topology: topology(&cfg),
-        ..ConnectOptions::default()
+    // One connection per stage: the broker then handles each stage's channel in its own
+    // process (two cores instead of one), and a stage's publish confirms and returns never
+    // mix with the other's.
+    let topology = topology(&cfg);
+    let connect = |stage: &str| {
+        let opts = ConnectOptions {
+            name: format!("pumpwatch route {stage} ({})", cfg.feeder),
+            topology: topology.clone(),
+            ..ConnectOptions::default()
+        };
+        Client::connect(&cfg.broker, opts)
     };
-    let client = Client::connect(&cfg.broker, opts).await?;
+    let mut clients = Vec::new();
     if cfg.pump.users.is_empty() && cfg.stage != Stage::Dispatch {
         tracing::warn!(
             "no users declared in the configuration: validate binds to no xs_<user> exchange and sees only announcements on {}",
@@ -136,6 +143,8 @@ pub async fn run(
             max_body: p.route.max_body,
             report_exchange: p.exchanges.report.clone(),
         };
+        let client = connect("validate").await?;
+        clients.push(client.clone());
         let stage = StageRunner::new(&cfg, &client, &counters, &shutdown, StageName::Validate);
         let queue = names::validate_queue(p, &cfg.feeder).name;
         let consumer = client.consume(&queue, cfg.prefetch).await?;
@@ -159,6 +168,8 @@ pub async fn run(
                 .collect(),
             max_hops: 8,
         };
+        let client = connect("dispatch").await?;
+        clients.push(client.clone());
         let stage = StageRunner::new(&cfg, &client, &counters, &shutdown, StageName::Dispatch);
         let queue = names::dispatch_queue(p, &cfg.feeder).name;
         let consumer = client.consume(&queue, cfg.prefetch).await?;
@@ -185,7 +196,9 @@ pub async fn run(
         }
     }
     tracing::info!("route stopped: {}", counters.summary());
-    client.close().await;
+    for c in clients {
+        c.close().await;
+    }
     result
 }
 
