@@ -67,6 +67,14 @@ async fn simulate(url: &str, seed: u64, count: u64) -> String {
     out.join("\n")
 }
 
+/// Publishes a raw message to `xreport` through the management API (no pumpwatch involved).
+async fn publish(vh: &common::TestVhost, key: &str, body: &str) {
+    vh.mgmt
+        .publish(&vh.name, "xreport", key, body, &Default::default())
+        .await
+        .unwrap();
+}
+
 fn strip_day(p: &str) -> &str {
     p.split_once('/').map(|(_, rest)| rest).unwrap_or(p)
 }
@@ -249,26 +257,8 @@ async fn text_and_raw_output() {
     .await;
     assert_eq!(code, 0, "{err}");
     // An announcement and garbage are skipped by the text mode, shown by raw.
-    vh.mgmt
-        .publish(
-            &vh.name,
-            "xreport",
-            "v02.post.x",
-            "20260101T000000 http://h/ x/y.h5",
-            &Default::default(),
-        )
-        .await
-        .unwrap();
-    vh.mgmt
-        .publish(
-            &vh.name,
-            "xreport",
-            "v02.report.x",
-            "garbage",
-            &Default::default(),
-        )
-        .await
-        .unwrap();
+    publish(&vh, "v02.post.x", "20260101T000000 http://h/ x/y.h5").await;
+    publish(&vh, "v02.report.x", "garbage").await;
     let (code, _, err) = proc::run(
         &[
             "--broker",
@@ -291,16 +281,12 @@ async fn text_and_raw_output() {
     )
     .await;
     assert_eq!(code, 0, "{err}");
-    vh.mgmt
-        .publish(
-            &vh.name,
-            "xreport",
-            "v02.report.x",
-            "20260101T000000 http://h/ x/z.h5 304 n1 edu 0.1",
-            &Default::default(),
-        )
-        .await
-        .unwrap();
+    publish(
+        &vh,
+        "v02.report.x",
+        "20260101T000000 http://h/ x/z.h5 304 n1 edu 0.1",
+    )
+    .await;
     let (code, lines, err) = text.finish(T).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(lines.len(), 3, "{lines:?}");
