@@ -291,6 +291,9 @@ impl StageRunner {
                 }
                 Err(e) => {
                     tracing::warn!("publish failed, requeueing the input: {e}");
+                    self.counters.retried(self.stage);
+                    // A refusal that repeats (e.g. a missing permission) must not spin.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     let _ = delivery.nack(true).await;
                 }
             }
