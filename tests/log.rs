@@ -75,6 +75,22 @@ async fn publish(vh: &common::TestVhost, key: &str, body: &str) {
         .unwrap();
 }
 
+/// What the core reads from a simulated message.
+fn parsed(s: &Sim) -> pumpwatch::core::Report {
+    let inc = pumpwatch::core::Incoming {
+        exchange: &s.exchange,
+        routing_key: &s.out.routing_key,
+        body: &s.out.body,
+        content_type: Some(s.out.content_type),
+        user_id: None,
+        headers: &s.out.headers,
+    };
+    match pumpwatch::core::report::parse(&inc) {
+        Ok(pumpwatch::core::report::Message::Report(r)) => *r,
+        other => panic!("simulated message is not a report: {other:?}"),
+    }
+}
+
 fn strip_day(p: &str) -> &str {
     p.split_once('/').map(|(_, rest)| rest).unwrap_or(p)
 }
@@ -133,6 +149,19 @@ async fn thousand_mix_reports_are_all_printed_and_every_filter_selects_exactly()
         (
             vec!["--code", "499", "--source", "radar"],
             Box::new(|s: &Sim| s.code == 499 && s.source == "radar"),
+        ),
+        // Host and cluster as the wire carries them (sr3 states no host).
+        (
+            vec!["--host", "node2"],
+            Box::new(|s: &Sim| parsed(s).host.as_deref() == Some("node2")),
+        ),
+        (
+            vec!["--cluster", "sim.pump"],
+            Box::new(|s: &Sim| {
+                let r = parsed(s);
+                r.from_cluster.as_deref() == Some("sim.pump")
+                    || r.to_clusters.iter().any(|c| c == "sim.pump")
+            }),
         ),
     ];
     let mut logs = vec![start_log(url, &["--json", "--count", "1000", "--stats"]).await];
