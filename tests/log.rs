@@ -480,3 +480,50 @@ async fn survives_the_broker_closing_the_connection_mid_stream() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(lines.len(), 20, "{err}");
 }
+
+#[tokio::test]
+async fn a_source_reads_its_own_reports_without_being_told() {
+    let Some(vh) = common::vhost("logsrc").await else {
+        return;
+    };
+    let radar = vh.add_user("radar", "radar-pw", &[]).await;
+    let u = regex::escape(&radar.name);
+    let rw = format!("^(q_{u}\\..*|xs_{u})$");
+    let read = format!("^(q_{u}\\..*|xs_{u}|xr_{u}|xpublic)$");
+    vh.mgmt
+        .put_permissions(&vh.name, &radar.name, &rw, &rw, &read)
+        .await
+        .unwrap();
+    let own = format!("xr_{}", radar.name);
+    for x in ["xreport", own.as_str()] {
+        vh.mgmt
+            .declare_exchange(&vh.name, x, "topic", true)
+            .await
+            .unwrap();
+    }
+    // No configuration says radar is a source: xreport is refused, so log falls back to
+    // radar's own exchange.
+    let log = proc::spawn(&[
+        "--broker",
+        &radar.amqp_url,
+        "log",
+        "--count",
+        "1",
+        "--timeout",
+        "30",
+    ]);
+    log.wait_stderr(&format!("listening on {own}"), T).await;
+    let body = "20260101T000000 http://h/ 20260101/radar/a.h5 201 n1 cfs 0.1";
+    vh.mgmt
+        .publish(&vh.name, &own, "v02.report.x", body, &Default::default())
+        .await
+        .unwrap();
+    let (code, lines, err) = log.finish(T).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(lines.len(), 1);
+    assert!(
+        lines[0].contains(" 201 cfs@n1 ") && lines[0].contains("20260101/radar/a.h5"),
+        "{}",
+        lines[0]
+    );
+}
