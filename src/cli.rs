@@ -66,6 +66,9 @@ pub struct RouteArgs {
     /// How often to log the counters.
     #[arg(long, value_parser = parse_duration, default_value = "60")]
     pub log_every: Duration,
+    /// Serve /metrics (route's counters) and /healthz on this address, e.g. 127.0.0.1:9101.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
 }
 
 pub fn parse_regex(s: &str) -> Result<Regex, String> {

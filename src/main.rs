@@ -283,6 +283,7 @@ async fn run_route(a: RouteArgs, broker: String, config: Config) -> Result<(), F
         cfg.prefetch = p.max(1);
     }
     cfg.log_every = a.log_every.max(std::time::Duration::from_secs(1));
+    cfg.listen = a.listen;
     let counters = std::sync::Arc::new(route::Counters::default());
     route::run(cfg, shutdown::on_signals(), counters)
         .await

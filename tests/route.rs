@@ -314,6 +314,26 @@ async fn reports_reach_their_source_and_only_theirs() {
     assert!(rej.iter().any(|(_, _, b)| b == b"garbage"));
     assert_eq!(counters.get("validate", "rejected"), 70);
     assert_eq!(counters.get("dispatch", "routed"), 1000);
+    // The same counters as Prometheus metrics (what `route --listen` serves).
+    let stop = Shutdown::new();
+    let addr = route::serve_metrics("127.0.0.1:0", counters.clone(), vec![], stop.clone())
+        .await
+        .unwrap();
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for want in [
+        r#"pumpwatch_route_messages_total{stage="dispatch",outcome="routed",reason=""} 1000"#,
+        r#"pumpwatch_route_messages_total{stage="validate",outcome="validated",reason=""} 1000"#,
+        r#"pumpwatch_route_messages_total{stage="validate",outcome="rejected",reason="spoofed"} 50"#,
+        r#"pumpwatch_route_messages_total{stage="validate",outcome="rejected",reason="malformed"} 20"#,
+    ] {
+        assert!(text.contains(want), "{want} in\n{text}");
+    }
+    stop.cancel();
 }
 
 #[tokio::test]

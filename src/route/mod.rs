@@ -49,6 +49,8 @@ pub struct Config {
     pub log_every: Duration,
     /// How long SIGTERM may take to settle what is held.
     pub drain: Duration,
+    /// Serve `/metrics` (the counters) and `/healthz` here, if set.
+    pub listen: Option<String>,
 }
 
 impl Config {
@@ -62,6 +64,7 @@ impl Config {
             feeder,
             log_every: Duration::from_secs(60),
             drain: Duration::from_secs(4),
+            listen: None,
         }
     }
 }
@@ -70,6 +73,67 @@ impl Config {
 pub enum RouteError {
     #[error("{0}")]
     Broker(#[from] AmqpError),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: String, reason: String },
+}
+
+/// `/metrics` (route's counters, Prometheus text) and `/healthz` on `addr`, until
+/// `shutdown`. Returns the bound address (port 0 picks one).
+pub async fn serve_metrics(
+    addr: &str,
+    counters: Arc<Counters>,
+    clients: Vec<Client>,
+    shutdown: Shutdown,
+) -> Result<std::net::SocketAddr, RouteError> {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| RouteError::Listen {
+            addr: addr.to_owned(),
+            reason: e.to_string(),
+        })?;
+    let local = listener.local_addr().map_err(|e| RouteError::Listen {
+        addr: addr.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let text = stats::exposition(&counters);
+                async move {
+                    let ct = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+                    ([(header::CONTENT_TYPE, ct)], text)
+                }
+            }),
+        )
+        .route(
+            "/healthz",
+            get(move || {
+                let up = clients.iter().all(Client::is_connected);
+                async move {
+                    if up {
+                        (StatusCode::OK, "ok\n")
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "reconnecting to the broker\n",
+                        )
+                    }
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        let stop = shutdown.clone();
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+        {
+            tracing::warn!("route metrics endpoint stopped: {e}");
+        }
+    });
+    Ok(local)
 }
 
 /// Everything route publishes to or reads from; declared at start and after reconnects.
@@ -174,6 +238,11 @@ pub async fn run(
         let queue = names::dispatch_queue(p, &cfg.feeder).name;
         let consumer = client.consume(&queue, cfg.prefetch).await?;
         tasks.spawn(stage.run(consumer, Decider::Dispatch(Box::new(d))));
+    }
+    if let Some(addr) = &cfg.listen {
+        let local =
+            serve_metrics(addr, counters.clone(), clients.clone(), shutdown.clone()).await?;
+        tracing::info!("route metrics on http://{local}/metrics");
     }
     let mut log_tick = tokio::time::interval(cfg.log_every);
     log_tick.tick().await;
