@@ -312,6 +312,7 @@ async fn reports_reach_their_source_and_only_theirs() {
     assert_eq!(reasons.get("malformed"), Some(&20), "{reasons:?}");
     // The original bytes are kept.
     assert!(rej.iter().any(|(_, _, b)| b == b"garbage"));
+    drop(rej);
     assert_eq!(counters.get("validate", "rejected"), 70);
     assert_eq!(counters.get("dispatch", "routed"), 1000);
     // The same counters as Prometheus metrics (what `route --listen` serves).
