@@ -285,21 +285,14 @@ fn num(x: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn t(s: f64) -> Timestamp {
         Timestamp::from_nanosecond((1_700_000_000.0e9 + s * 1e9) as i128).unwrap()
     }
 
+    /// SPEC §5's defaults: td 300 s, tminr 0.01, window 600 s, max_error_ratio 0.5.
     fn th() -> Thresholds {
-        Thresholds {
-            td: Duration::from_secs(300),
-            tminr: 0.01,
-            window: Duration::from_secs(600),
-            max_error_ratio: 0.5,
-            k: 3.0,
-            min_samples: 3,
-        }
+        Thresholds::default()
     }
 
     fn iv(end: f64, good: u64, errors: u64) -> Interval {

@@ -6,7 +6,7 @@
 
 mod common;
 
-use pumpwatch::amqp::{BindingDecl, Client, ConnectOptions, ExchangeDecl, QueueDecl, Topology};
+use pumpwatch::amqp::{Client, ConnectOptions, ExchangeDecl, QueueDecl, Topology};
 use pumpwatch::config::Config;
 use pumpwatch::core::emit::{Outgoing, emit};
 use pumpwatch::core::report::{Format, H_CLIENT, H_SOURCE, Identity, Incoming, Report};
@@ -133,18 +133,11 @@ async fn watch(url: &str, exchange: &str) -> (Client, Seen) {
     let queue = format!("q_guest.test.{}", exchange);
     let t = Topology {
         exchanges: vec![ExchangeDecl::topic(exchange)],
-        queues: vec![QueueDecl {
-            name: queue.clone(),
-            durable: false,
-            exclusive: true,
-            auto_delete: true,
-            arguments: Headers::new(),
-        }],
-        bindings: vec![BindingDecl {
-            queue: queue.clone(),
-            exchange: exchange.into(),
-            routing_key: "v01.speedo.#".into(),
-        }],
+        ..Topology::bound_queue(
+            QueueDecl::exclusive(queue.clone()),
+            exchange,
+            "v01.speedo.#",
+        )
     };
     let client = Client::connect(
         url,

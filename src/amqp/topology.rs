@@ -71,6 +71,17 @@ impl QueueDecl {
             arguments: Headers::new(),
         }
     }
+
+    /// A private queue the broker removes when its connection goes (one reader's view).
+    pub fn exclusive(name: impl Into<String>) -> Self {
+        QueueDecl {
+            name: name.into(),
+            durable: false,
+            exclusive: true,
+            auto_delete: true,
+            arguments: Headers::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,6 +120,19 @@ impl Topology {
 
     /// Adds `other`: a declaration of an already known exchange or queue replaces it,
     /// a known binding is not repeated.
+    /// One queue bound to one exchange with one routing key.
+    pub fn bound_queue(queue: QueueDecl, exchange: &str, routing_key: &str) -> Topology {
+        Topology {
+            exchanges: vec![],
+            bindings: vec![BindingDecl {
+                queue: queue.name.clone(),
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+            }],
+            queues: vec![queue],
+        }
+    }
+
     pub fn merge(&mut self, other: &Topology) {
         for x in &other.exchanges {
             match self.exchanges.iter_mut().find(|e| e.name == x.name) {

@@ -5,7 +5,7 @@
 
 mod output;
 
-use crate::amqp::{AmqpError, BindingDecl, Client, ConnectOptions, QueueDecl, Topology};
+use crate::amqp::{AmqpError, Client, ConnectOptions, QueueDecl, Topology};
 use crate::core::Headers;
 use crate::core::filter::Filter;
 use crate::core::report::{self, Message};
@@ -81,30 +81,6 @@ fn random_suffix() -> String {
     format!("{:08x}", rand::random::<u32>())
 }
 
-/// A durable queue survives restarts; otherwise an exclusive one that the broker removes
-/// when `log` goes away.
-fn queue_decl(name: String, durable: bool) -> QueueDecl {
-    QueueDecl {
-        name,
-        durable,
-        exclusive: !durable,
-        auto_delete: !durable,
-        arguments: Headers::new(),
-    }
-}
-
-fn topology(queue: &QueueDecl, exchange: &str) -> Topology {
-    Topology {
-        exchanges: vec![],
-        queues: vec![queue.clone()],
-        bindings: vec![BindingDecl {
-            queue: queue.name.clone(),
-            exchange: exchange.to_owned(),
-            routing_key: "#".into(),
-        }],
-    }
-}
-
 /// Runs until `count` reports were printed, a time limit passed, or `shutdown`.
 pub async fn run(
     cfg: Config,
@@ -113,9 +89,10 @@ pub async fn run(
 ) -> Result<Stats, LogError> {
     let user = broker_user(&cfg.broker);
     let queue = match &cfg.queue {
-        Some(q) if q.starts_with("q_") => queue_decl(q.clone(), true),
-        Some(q) => queue_decl(format!("q_{user}.log.{q}"), true),
-        None => queue_decl(format!("q_{user}.log.{}", random_suffix()), false),
+        // A durable queue survives restarts; otherwise the broker removes it with `log`.
+        Some(q) if q.starts_with("q_") => QueueDecl::durable(q.clone()),
+        Some(q) => QueueDecl::durable(format!("q_{user}.log.{q}")),
+        None => QueueDecl::exclusive(format!("q_{user}.log.{}", random_suffix())),
     };
     let own = format!("xr_{user}");
     let candidates: Vec<String> = match &cfg.exchange {
@@ -129,7 +106,7 @@ pub async fn run(
     for exchange in &candidates {
         let opts = ConnectOptions {
             name: "pumpwatch log".into(),
-            topology: topology(&queue, exchange),
+            topology: Topology::bound_queue(queue.clone(), exchange, "#"),
             ..ConnectOptions::default()
         };
         match Client::connect(&cfg.broker, opts).await {

@@ -20,9 +20,8 @@ pub mod metrics;
 pub use crate::speedo::Error;
 pub use board::{Board, Kind, Status, View};
 
-use crate::amqp::{BindingDecl, Client, ConnectOptions, QueueDecl, Topology};
+use crate::amqp::{Client, ConnectOptions, QueueDecl, Topology};
 use crate::config::{Config as PumpConfig, Role};
-use crate::core::Headers;
 use crate::shutdown::Shutdown;
 use crate::speedo;
 use jiff::Timestamp;
@@ -153,21 +152,11 @@ impl Server {
             View::Admin => cfg.pump.exchanges.report.clone(),
             View::Source(s) => crate::names::source_exchange(s),
         };
-        let topology = Topology {
-            exchanges: vec![],
-            queues: vec![QueueDecl {
-                name: queue.clone(),
-                durable: false,
-                exclusive: true,
-                auto_delete: true,
-                arguments: Headers::new(),
-            }],
-            bindings: vec![BindingDecl {
-                queue: queue.clone(),
-                exchange,
-                routing_key: "v01.speedo.#".into(),
-            }],
-        };
+        let topology = Topology::bound_queue(
+            QueueDecl::exclusive(queue.clone()),
+            &exchange,
+            "v01.speedo.#",
+        );
         let opts = ConnectOptions {
             name: format!("pumpwatch serve ({})", cfg.view.label()),
             topology,
