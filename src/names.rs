@@ -19,6 +19,12 @@ pub fn forward_exchange(cluster: &str) -> String {
     format!("xforward_{cluster}")
 }
 
+/// A private queue name `q_<user>.<component>.<random>` (an exclusive queue of one
+/// reader, such as `log` or `serve`).
+pub fn private_queue(user: &str, component: &str) -> String {
+    format!("q_{user}.{component}.{:08x}", rand::random::<u32>())
+}
+
 /// The account the daemons run as: the first declared feeder, else the broker user.
 pub fn feeder(config: &Config, broker_user: &str) -> String {
     config

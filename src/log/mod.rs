@@ -77,10 +77,6 @@ pub fn broker_user(url: &str) -> String {
         .unwrap_or_else(|| "guest".to_owned())
 }
 
-fn random_suffix() -> String {
-    format!("{:08x}", rand::random::<u32>())
-}
-
 /// Runs until `count` reports were printed, a time limit passed, or `shutdown`.
 pub async fn run(
     cfg: Config,
@@ -92,7 +88,7 @@ pub async fn run(
         // A durable queue survives restarts; otherwise the broker removes it with `log`.
         Some(q) if q.starts_with("q_") => QueueDecl::durable(q.clone()),
         Some(q) => QueueDecl::durable(format!("q_{user}.log.{q}")),
-        None => QueueDecl::exclusive(format!("q_{user}.log.{}", random_suffix())),
+        None => QueueDecl::exclusive(crate::names::private_queue(&user, "log")),
     };
     let own = format!("xr_{user}");
     let candidates: Vec<String> = match &cfg.exchange {

@@ -136,10 +136,6 @@ pub struct Server {
     registry: Registry,
 }
 
-fn random_suffix() -> String {
-    format!("{:08x}", rand::random::<u32>())
-}
-
 impl Server {
     /// Binds `cfg.listen` and connects to the broker (both fail fast: exit 2 / 1).
     pub async fn bind(cfg: Config) -> Result<Server, Error> {
@@ -147,7 +143,7 @@ impl Server {
             .await
             .map_err(|e| Error::Usage(format!("cannot listen on {}: {e}", cfg.listen)))?;
         let user = crate::log::broker_user(&cfg.broker);
-        let queue = format!("q_{user}.serve.{}", random_suffix());
+        let queue = crate::names::private_queue(&user, "serve");
         let exchange = match &cfg.view {
             View::Admin => cfg.pump.exchanges.report.clone(),
             View::Source(s) => crate::names::source_exchange(s),
