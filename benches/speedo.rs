@@ -9,7 +9,7 @@
 
 use criterion::{BatchSize, Criterion, Throughput, black_box, criterion_group};
 use jiff::Timestamp;
-use pumpwatch::speedo::{Sample, Settings, Speedometers};
+use pumpwatch::cmd::speedo::{Sample, Settings, Speedometers};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::alloc::{GlobalAlloc, Layout, System};

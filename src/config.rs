@@ -8,9 +8,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub const DEFAULT_BROKER: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub use crate::broker::url::DEFAULT_BROKER;
 pub const DEFAULT_ADMIN_URL: &str = "http://127.0.0.1:15672";
-pub const DEFAULT_RELPATH_PATTERN: &str = r"^/?\d{8}/(?P<source>[^/]+)/";
+pub use crate::core::attribution::DEFAULT_RELPATH_PATTERN;
+pub use crate::core::health::Thresholds;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -129,8 +130,6 @@ struct RawThresholds {
     tminr: Option<f64>,
     window: Option<RawDuration>,
     max_error_ratio: Option<f64>,
-    k: Option<f64>,
-    min_samples: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -206,30 +205,6 @@ pub struct User {
     pub retain: u32,
     /// Speedo interval override for a source.
     pub interval: Option<Duration>,
-}
-
-/// Health thresholds (SPEC §6) for one name or the default.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Thresholds {
-    pub td: Duration,
-    pub tminr: f64,
-    pub window: Duration,
-    pub max_error_ratio: f64,
-    pub k: f64,
-    pub min_samples: u32,
-}
-
-impl Default for Thresholds {
-    fn default() -> Self {
-        Thresholds {
-            td: Duration::from_secs(300),
-            tminr: 0.01,
-            window: Duration::from_secs(600),
-            max_error_ratio: 0.5,
-            k: 3.0,
-            min_samples: 3,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -352,20 +327,16 @@ impl Config {
                     None => Ok(Duration::from_secs(default)),
                 }
             };
-        let name_ok = |n: &str| {
-            !n.is_empty()
-                && n.len() <= 64
-                && n.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+        let check_name = |key: String, name: &str| -> Result<(), ConfigError> {
+            if is_valid_name(name) {
+                Ok(())
+            } else {
+                Err(bad(key, NAME_RULE.into()))
+            }
         };
         let mut users = BTreeMap::new();
         for (name, u) in raw.users {
-            if !name_ok(&name) {
-                return Err(bad(
-                    format!("users.{name}"),
-                    "a user name is 1-64 of [A-Za-z0-9_.-]".into(),
-                ));
-            }
+            check_name(format!("users.{name}"), &name)?;
             let interval = match u.interval {
                 Some(d) => Some(
                     d.get()
@@ -394,10 +365,19 @@ impl Config {
         }
         for (name, t) in raw_thresholds {
             let key = format!("thresholds.{name}");
+            check_name(key.clone(), &name)?;
             thresholds.insert(name, thresholds_from(t, default_thresholds, &key, &bad)?);
         }
         let mut neighbours = BTreeMap::new();
+        let check_cluster = |key: String, name: &str| -> Result<(), ConfigError> {
+            if is_valid_cluster_name(name) {
+                Ok(())
+            } else {
+                Err(bad(key, CLUSTER_RULE.into()))
+            }
+        };
         for (name, c) in raw.clusters {
+            check_cluster(format!("clusters.{name}"), &name)?;
             neighbours.insert(
                 name.clone(),
                 Neighbour {
@@ -451,9 +431,11 @@ impl Config {
                 return Err(bad(k.into(), "must be at least 0.1 s".into()));
             }
         }
+        let cluster = raw.cluster.unwrap_or_else(|| "localhost".into());
+        check_cluster("cluster".into(), &cluster)?;
         Ok(Config {
             origin: file.to_owned(),
-            cluster: raw.cluster.unwrap_or_else(|| "localhost".into()),
+            cluster,
             broker: raw.broker,
             admin_url: raw.admin_url,
             users,
@@ -495,6 +477,14 @@ impl Config {
         self.users.get(user).map(|u| u.role)
     }
 
+    /// The attribution rules of SPEC §2 for this pump (one for every component).
+    pub fn attributor(&self) -> crate::core::attribution::Attributor {
+        crate::core::attribution::Attributor::new(
+            self.accounts(),
+            self.route.relpath_pattern.clone(),
+        )
+    }
+
     /// The declared accounts, as attribution sees them.
     pub fn accounts(&self) -> crate::core::attribution::Accounts {
         let mut a = crate::core::attribution::Accounts::default();
@@ -511,6 +501,35 @@ impl Config {
     pub fn sources(&self) -> impl Iterator<Item = &User> {
         self.users.values().filter(|u| u.role == Role::Source)
     }
+}
+
+/// What a user, source, client or cluster name may be (SPEC §2 "Names").
+pub const NAME_RULE: &str = "a name is 1 to 64 of A-Z a-z 0-9 _ - (no dots: they would let \
+     one account's permissions match another's queues)";
+
+/// `[A-Za-z0-9_-]{1,64}`: a name that can be put into queue names and anchored permission
+/// patterns without one account's pattern matching another's objects.
+pub fn is_valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// What a cluster (pump) name may be.
+pub const CLUSTER_RULE: &str = "a cluster name is 1 to 64 of A-Z a-z 0-9 _ - . (a host-like name)";
+
+/// Cluster names are host-like (`ddsr.cmc`, as Sarracenia's `from_cluster` carries them):
+/// dots are allowed, since a cluster name never enters a permission pattern; `#`, `*`,
+/// spaces and the rest are not, since it becomes part of exchange names and binding keys.
+pub fn is_valid_cluster_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && !name.ends_with('.')
+        && !name.contains("..")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
 /// The dotted key set on `line` (1-based), e.g. `speedo.interval`, for error messages.
@@ -546,8 +565,6 @@ fn thresholds_from(
         tminr: t.tminr.unwrap_or(base.tminr),
         window: d("window", t.window, base.window)?,
         max_error_ratio: t.max_error_ratio.unwrap_or(base.max_error_ratio),
-        k: t.k.unwrap_or(base.k),
-        min_samples: t.min_samples.unwrap_or(base.min_samples),
     };
     if !(out.tminr.is_finite() && out.tminr >= 0.0) {
         return Err(bad(format!("{key}.tminr"), "must be a rate >= 0".into()));
@@ -557,9 +574,6 @@ fn thresholds_from(
             format!("{key}.max_error_ratio"),
             "must be between 0 and 1".into(),
         ));
-    }
-    if !(out.k.is_finite() && out.k >= 0.0) {
-        return Err(bad(format!("{key}.k"), "must be >= 0".into()));
     }
     if out.window.is_zero() {
         return Err(bad(format!("{key}.window"), "must be positive".into()));

@@ -1,22 +1,24 @@
 //! pumpwatch: monitoring and report propagation for Sarracenia-style data pumps.
 //!
-//! `core` is pure (bytes in, values out, no I/O, no clock); everything else is a thin
-//! adapter around it: `amqp` (the one broker adapter every daemon shares), `mgmt` (the
-//! RabbitMQ management API), and one folder per subcommand, each with a `Config` and a
-//! `run(config, shutdown)`.
+//! Three floors, each importing only from the floors below it:
+//! - [`core`]: pure (bytes in, values out, no I/O, no clock): formats, attribution, health;
+//! - [`broker`]: what talks to RabbitMQ (AMQP adapter, management API, names of objects);
+//! - [`cmd`]: one folder per subcommand, each with `Args`, `Config::from_args` and
+//!   `run(config, shutdown)`.
+//!
+//! Beside them: [`config`] (the TOML file), [`http`] (the listener every daemon shares) and
+//! [`shutdown`].
+#![forbid(unsafe_code)]
+// The clap help texts are doc comments and name broker objects as users read them
+// (`xs_<user>`, `xr_<source>`); rustdoc would take those for HTML tags.
+#![allow(rustdoc::invalid_html_tags)]
 
-pub mod amqp;
-pub mod cli;
+pub mod broker;
+pub mod cmd;
 pub mod config;
 pub mod core;
-pub mod health;
-pub mod log;
-pub mod mgmt;
-pub mod names;
-pub mod report_cmd;
-pub mod route;
-pub mod serve;
-pub mod setup;
+pub mod http;
 pub mod shutdown;
-pub mod simulate;
-pub mod speedo;
+
+/// The version `--version` prints.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

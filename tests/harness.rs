@@ -74,7 +74,8 @@ async fn guard_removes_users_on_drop() {
             .contains(&format!(":sat-pw-1@127.0.0.1:5672/{}", vh.name))
     );
     // The password is real: the user can log into the management API with it.
-    let as_sat = pumpwatch::mgmt::MgmtClient::new(&vh.admin_url, &sat.name, &sat.password).unwrap();
+    let as_sat =
+        pumpwatch::broker::mgmt::MgmtClient::new(&vh.admin_url, &sat.name, &sat.password).unwrap();
     as_sat
         .overview()
         .await

@@ -3,9 +3,11 @@
 
 mod common;
 
+use pumpwatch::broker::names;
+
 use common::proc::{self, Proc};
+use pumpwatch::cmd::simulate::{FormatChoice, Generator, Plan, Sim};
 use pumpwatch::core::stamp::Stamp;
-use pumpwatch::simulate::{FormatChoice, Generator, Plan, Sim};
 use regex::Regex;
 use serde_json::Value;
 use std::time::Duration;
@@ -349,12 +351,18 @@ async fn bad_arguments_exit_2_with_one_line() {
         vec!["simulate", "--error-ratio", "2"],
         vec!["report", "--code", "42", "--relpath", "x"],
         vec!["--config", "/nonexistent/pumpwatch.toml", "log"],
+        // A broker URL that does not parse is a bad argument, in every command.
+        vec!["--broker", "not a url", "log"],
+        vec!["--broker", "amqp://u:s3cr3tpw@h:port/", "speedo"],
+        vec!["--broker", "http://u:s3cr3tpw@h/", "setup"],
+        vec!["route", "--listen", "nowhere"],
     ] {
         let (code, out, err) = proc::run(&args, T).await;
         assert_eq!(code, 2, "{args:?}: {err}");
         assert!(out.is_empty());
         assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err:?}");
         assert!(err.starts_with("pumpwatch: "), "{err}");
+        assert!(!err.contains("s3cr3tpw"), "password leaked: {err}");
     }
 }
 
@@ -368,7 +376,6 @@ async fn broker_errors_exit_1_with_one_line_and_no_password() {
         ("amqp://guest:guest@127.0.0.1:1/", "cannot connect"),
         (bad_password.as_str(), "access refused"),
         ("amqp://guest:guest@127.0.0.1:5672/no-such-vhost-pw", ""),
-        ("not a url", "URL"),
         // amqps really speaks TLS: against the plain port the handshake fails.
         ("amqps://guest:guest@127.0.0.1:5672/", "cannot connect"),
     ] {
@@ -494,7 +501,7 @@ async fn a_source_reads_its_own_reports_without_being_told() {
         .put_permissions(&vh.name, &radar.name, &rw, &rw, &read)
         .await
         .unwrap();
-    let own = format!("xr_{}", radar.name);
+    let own = names::source_exchange(&radar.name);
     for x in ["xreport", own.as_str()] {
         vh.mgmt
             .declare_exchange(&vh.name, x, "topic", true)

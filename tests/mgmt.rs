@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use pumpwatch::mgmt::{AckMode, MgmtClient, MgmtError, QueueSpec, ShovelSpec};
+use pumpwatch::broker::mgmt::{AckMode, MgmtClient, MgmtError, QueueSpec, ShovelSpec};
 use serde_json::{Map, json};
 
 use common::{wait_for, wait_until};
@@ -379,8 +379,11 @@ async fn errors_are_typed_and_never_show_the_password() {
     assert!(!err.to_string().contains("not-the-password"), "{err}");
 
     // Nothing listens on port 9: a transport error, quickly, with no credentials in it.
-    let nowhere =
-        MgmtClient::from_urls("http://127.0.0.1:9", "amqp://feeder:s3cr3tpw@127.0.0.1/").unwrap();
+    let nowhere = MgmtClient::from_urls(
+        "http://127.0.0.1:9",
+        &common::broker("amqp://feeder:s3cr3tpw@127.0.0.1/"),
+    )
+    .unwrap();
     let err = nowhere.overview().await.unwrap_err();
     assert!(matches!(err, MgmtError::Transport { .. }), "{err}");
     assert!(!format!("{err} {err:?}").contains("s3cr3tpw"), "{err}");

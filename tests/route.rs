@@ -4,13 +4,15 @@
 
 mod common;
 
+use pumpwatch::broker::names;
+
 use common::TestVhost;
-use pumpwatch::amqp::{BindingDecl, Client, ConnectOptions, Delivery, QueueDecl, Topology};
+use pumpwatch::broker::amqp::{BindingDecl, Client, ConnectOptions, Delivery, QueueDecl, Topology};
+use pumpwatch::cmd::route;
 use pumpwatch::config::Config;
 use pumpwatch::core::emit::{Outgoing, emit};
 use pumpwatch::core::report::{Format, Identity, Report};
 use pumpwatch::core::{Headers, Stamp};
-use pumpwatch::route;
 use pumpwatch::shutdown::Shutdown;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -123,7 +125,7 @@ impl Seen {
 
 async fn watch(url: &str, exchange: &str, queue: &str) -> (Client, Seen) {
     let t = Topology {
-        exchanges: vec![pumpwatch::amqp::ExchangeDecl::topic(exchange)],
+        exchanges: vec![pumpwatch::broker::amqp::ExchangeDecl::topic(exchange)],
         queues: vec![QueueDecl {
             name: queue.into(),
             durable: true,
@@ -138,7 +140,7 @@ async fn watch(url: &str, exchange: &str, queue: &str) -> (Client, Seen) {
         }],
     };
     let client = Client::connect(
-        url,
+        &common::broker(url),
         ConnectOptions {
             name: format!("watch {queue}"),
             topology: t,
@@ -177,7 +179,7 @@ async fn wait_count(seen: &Seen, n: usize, what: &str) {
 /// closed connection, as a careful producer does (duplicates are possible, losses not).
 async fn publish_all(url: &str, exchange: &str, msgs: &[Outgoing]) {
     let client = Client::connect(
-        url,
+        &common::broker(url),
         ConnectOptions {
             name: "test publisher".into(),
             ..Default::default()
@@ -218,13 +220,17 @@ fn start_route(
     p: &Pump,
 ) -> (
     Shutdown,
-    tokio::task::JoinHandle<Result<(), route::RouteError>>,
+    tokio::task::JoinHandle<Result<(), pumpwatch::cmd::Error>>,
     Arc<route::Counters>,
 ) {
-    let cfg = route::Config::new(p.vh.amqp_url.clone(), p.config.clone());
+    let cfg = route::Config::from_args(
+        Default::default(),
+        &common::common(p.config.clone(), &p.vh.amqp_url),
+    )
+    .unwrap();
     let shutdown = Shutdown::new();
-    let counters = Arc::new(route::Counters::default());
-    let h = tokio::spawn(route::run(cfg, shutdown.clone(), counters.clone()));
+    let counters = cfg.counters.clone();
+    let h = tokio::spawn(route::run(cfg, shutdown.clone()));
     (shutdown, h, counters)
 }
 
@@ -249,8 +255,8 @@ async fn reports_reach_their_source_and_only_theirs() {
     let (shutdown, handle, counters) = start_route(&p);
     route_ready(&p.vh).await;
     let url = p.vh.amqp_url.as_str();
-    let (_c1, radar) = watch(url, &format!("xr_{}", p.radar), "obs.radar").await;
-    let (_c2, sat) = watch(url, &format!("xr_{}", p.sat), "obs.sat").await;
+    let (_c1, radar) = watch(url, &names::source_exchange(&p.radar), "obs.radar").await;
+    let (_c2, sat) = watch(url, &names::source_exchange(&p.sat), "obs.sat").await;
     let (_c3, rejected) = watch(url, "xrejected", "obs.rejected").await;
 
     let cfs = p.cfs.name.as_str();
@@ -283,7 +289,7 @@ async fn reports_reach_their_source_and_only_theirs() {
         });
     }
     // cfs publishes with its own account, on its own exchange, as a consumer would.
-    publish_all(&p.cfs.amqp_url, &format!("xs_{cfs}"), &msgs).await;
+    publish_all(&p.cfs.amqp_url, &names::user_exchange(cfs), &msgs).await;
 
     wait_count(&radar, 500, "500 reports on xr_radar").await;
     wait_count(&sat, 500, "500 reports on xr_sat").await;
@@ -295,15 +301,15 @@ async fn reports_reach_their_source_and_only_theirs() {
         let all = seen.0.lock().unwrap();
         assert_eq!(all.len(), 500, "exactly 500 on xr_{source}");
         for (_, h, _) in all.iter() {
-            assert_eq!(h.get_str("pumpwatch_client"), Some(cfs));
-            assert_eq!(h.get_str("pumpwatch_source"), Some(source.as_str()));
+            assert_eq!(h.get_str(names::H_CLIENT), Some(cfs));
+            assert_eq!(h.get_str(names::H_SOURCE), Some(source.as_str()));
         }
     }
     let rej = rejected.0.lock().unwrap().clone();
     assert_eq!(rej.len(), 70);
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
     for (_, h, _) in rej.iter() {
-        let r = h.get_str("pumpwatch_reason").expect("a reason");
+        let r = h.get_str(names::H_REASON).expect("a reason");
         *reasons
             .entry(r.split(':').next().unwrap().to_owned())
             .or_default() += 1;
@@ -316,9 +322,14 @@ async fn reports_reach_their_source_and_only_theirs() {
     assert_eq!(counters.get("dispatch", "routed"), 1000);
     // The same counters as Prometheus metrics (what `route --listen` serves).
     let stop = Shutdown::new();
-    let addr = route::serve_metrics("127.0.0.1:0", counters.clone(), vec![], stop.clone())
-        .await
-        .unwrap();
+    let addr = route::serve_metrics(
+        "127.0.0.1:0".parse().unwrap(),
+        counters.clone(),
+        vec![],
+        stop.clone(),
+    )
+    .await
+    .unwrap();
     let text = reqwest::get(format!("http://{addr}/metrics"))
         .await
         .unwrap()
@@ -344,7 +355,7 @@ async fn sr3_report_is_attributed_through_the_announcement_it_answers() {
     let (shutdown, handle, _) = start_route(&p);
     route_ready(&p.vh).await;
     let url = p.vh.amqp_url.as_str();
-    let (_c, radar) = watch(url, &format!("xr_{}", p.radar), "obs.radar").await;
+    let (_c, radar) = watch(url, &names::source_exchange(&p.radar), "obs.radar").await;
     // radar announces a product on its own exchange...
     let ann = Outgoing {
         routing_key: "v03.20240101.radar.h5".into(),
@@ -356,7 +367,12 @@ async fn sr3_report_is_attributed_through_the_announcement_it_answers() {
         content_type: "application/json",
         headers: Headers::new(),
     };
-    publish_all(&p.radar_user.amqp_url, &format!("xs_{}", p.radar), &[ann]).await;
+    publish_all(
+        &p.radar_user.amqp_url,
+        &names::user_exchange(&p.radar),
+        &[ann],
+    )
+    .await;
     // ...and cfs, running sr3, reports with source overwritten by its own user and the
     // local path it wrote to.
     let cfs = p.cfs.name.as_str();
@@ -369,13 +385,13 @@ async fn sr3_report_is_attributed_through_the_announcement_it_answers() {
         content_type: "application/json",
         headers: Headers::new(),
     };
-    publish_all(&p.cfs.amqp_url, &format!("xs_{cfs}"), &[rep]).await;
+    publish_all(&p.cfs.amqp_url, &names::user_exchange(cfs), &[rep]).await;
     wait_count(&radar, 1, "the sr3 report on xr_radar").await;
     shutdown.cancel();
     handle.await.unwrap().unwrap();
     let all = radar.0.lock().unwrap();
-    assert_eq!(all[0].1.get_str("pumpwatch_client"), Some(cfs));
-    assert_eq!(all[0].1.get_str("pumpwatch_source"), Some(p.radar.as_str()));
+    assert_eq!(all[0].1.get_str(names::H_CLIENT), Some(cfs));
+    assert_eq!(all[0].1.get_str(names::H_SOURCE), Some(p.radar.as_str()));
 }
 
 /// 20 000 reports; `route` loses its connection (or its life) in the middle; every report
@@ -406,8 +422,8 @@ async fn nothing_lost(prefix: &str, kill: bool) {
     ];
     let mut routed = common::proc::spawn(&args);
     route_ready(&p.vh).await;
-    let (_c1, radar) = watch(&url, &format!("xr_{}", p.radar), "obs.radar").await;
-    let (_c2, sat) = watch(&url, &format!("xr_{}", p.sat), "obs.sat").await;
+    let (_c1, radar) = watch(&url, &names::source_exchange(&p.radar), "obs.radar").await;
+    let (_c2, sat) = watch(&url, &names::source_exchange(&p.sat), "obs.sat").await;
     let n = 20_000;
     let msgs: Vec<Outgoing> = (0..n)
         .map(|i| {
@@ -418,7 +434,7 @@ async fn nothing_lost(prefix: &str, kill: bool) {
         })
         .collect();
     let publisher = {
-        let (u, x) = (p.cfs.amqp_url.clone(), format!("xs_{cfs}"));
+        let (u, x) = (p.cfs.amqp_url.clone(), names::user_exchange(&cfs));
         tokio::spawn(async move { publish_all(&u, &x, &msgs).await })
     };
     // Strike in the middle of the stream.

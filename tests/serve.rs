@@ -7,14 +7,15 @@
 
 mod common;
 
-use pumpwatch::amqp::{Client, ConnectOptions};
+use pumpwatch::broker::amqp::{Client, ConnectOptions};
+use pumpwatch::cmd::Error;
+use pumpwatch::cmd::serve::{self, View};
+use pumpwatch::cmd::speedo::{self, Reading, Subject};
 use pumpwatch::config::Config;
 use pumpwatch::core::emit::{Outgoing, emit};
 use pumpwatch::core::report::{Format, H_CLIENT, H_SOURCE, Report};
 use pumpwatch::core::{Headers, Stamp};
-use pumpwatch::serve::{self, View};
 use pumpwatch::shutdown::Shutdown;
-use pumpwatch::speedo::{self, Reading, Subject};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -77,7 +78,7 @@ fn traffic(from: usize, good: usize, bad: usize) -> Vec<Outgoing> {
 }
 
 async fn publish(url: &str, msgs: &[Outgoing]) {
-    let client = Client::connect(url, ConnectOptions::new("test publisher"))
+    let client = Client::connect(&common::broker(url), ConnectOptions::new("test publisher"))
         .await
         .unwrap();
     let mut pending = Vec::new();
@@ -87,7 +88,7 @@ async fn publish(url: &str, msgs: &[Outgoing]) {
     for p in pending {
         // Speedos for which nobody (yet) listens are fine.
         match p.wait().await {
-            Ok(()) | Err(pumpwatch::amqp::AmqpError::Unroutable { .. }) => {}
+            Ok(()) | Err(pumpwatch::broker::amqp::AmqpError::Unroutable { .. }) => {}
             Err(e) => panic!("publish: {e}"),
         }
     }
@@ -98,8 +99,8 @@ async fn publish(url: &str, msgs: &[Outgoing]) {
 struct Pump {
     vh: common::TestVhost,
     shutdown: Shutdown,
-    speedo: tokio::task::JoinHandle<Result<speedo::Summary, speedo::Error>>,
-    servers: Vec<tokio::task::JoinHandle<Result<(), serve::Error>>>,
+    speedo: tokio::task::JoinHandle<Result<(), Error>>,
+    servers: Vec<tokio::task::JoinHandle<Result<(), Error>>>,
     admin: SocketAddr,
     _setup: Client,
 }
@@ -108,12 +109,11 @@ async fn start_serve(
     vh: &common::TestVhost,
     view: View,
     shutdown: &Shutdown,
-) -> (
-    SocketAddr,
-    tokio::task::JoinHandle<Result<(), serve::Error>>,
-) {
-    let mut cfg = serve::Config::new(vh.amqp_url.clone(), config());
-    cfg.listen = "127.0.0.1:0".into();
+) -> (SocketAddr, tokio::task::JoinHandle<Result<(), Error>>) {
+    let mut cfg =
+        serve::Config::from_args(Default::default(), &common::common(config(), &vh.amqp_url))
+            .unwrap();
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
     cfg.view = view;
     cfg.push_every = Duration::from_millis(250);
     let server = serve::Server::bind(cfg).await.unwrap();
@@ -123,9 +123,11 @@ async fn start_serve(
 
 async fn pump(prefix: &str) -> Option<Pump> {
     let vh = common::vhost(prefix).await?;
-    let cfg = speedo::Config::new(vh.amqp_url.clone(), config());
+    let cfg =
+        speedo::Config::from_args(Default::default(), &common::common(config(), &vh.amqp_url))
+            .unwrap();
     let setup = Client::connect(
-        &vh.amqp_url,
+        &common::broker(&vh.amqp_url),
         ConnectOptions {
             topology: speedo::topology(&cfg),
             ..ConnectOptions::new("test setup")

@@ -4,21 +4,24 @@
 //!
 //! Users are broker-wide: every test declares users named with its vhost's prefix and
 //! deletes them at the end (a [`DropUsers`] guard), so tests run in parallel safely.
-//! Passwords reach `setup` through [`pumpwatch::setup::run`]'s environment lookup, never
+//! Passwords reach `setup` through [`pumpwatch::cmd::setup::Config::with_env`]'s environment lookup, never
 //! through the process environment.
 
 mod common;
+
+use pumpwatch::broker::names;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use common::TestVhost;
-use pumpwatch::amqp::{
+use pumpwatch::broker::amqp::{
     AmqpError, BindingDecl, Client, ConnectOptions, MessageProps, QueueDecl, Topology,
 };
+use pumpwatch::broker::mgmt::{MgmtClient, QueueSpec};
+use pumpwatch::cmd::setup::{self, Args, Summary};
+use pumpwatch::cmd::{Common, Error};
 use pumpwatch::config::Config;
-use pumpwatch::mgmt::{MgmtClient, QueueSpec};
-use pumpwatch::setup::{self, Args, SetupError, Summary};
 use serde_json::{Map, json};
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -105,18 +108,18 @@ impl Pump {
     }
 
     /// Runs setup on the test vhost as guest; returns the result and what it printed.
-    async fn setup(&self, vh: &TestVhost, args: Args) -> (Result<Summary, SetupError>, String) {
-        let lookup = |var: &str| self.env.get(var).cloned();
+    async fn setup(&self, vh: &TestVhost, args: Args) -> (Result<Summary, Error>, String) {
+        let env = self.env.clone();
+        let lookup = std::sync::Arc::new(move |var: &str| env.get(var).cloned());
+        let common =
+            Common::new(self.config.clone(), Some(&vh.amqp_url), Some(&vh.admin_url)).unwrap();
         let mut out = Vec::new();
-        let result = setup::run(
-            &args,
-            &self.config,
-            &vh.amqp_url,
-            &vh.admin_url,
-            &lookup,
-            &mut out,
-        )
-        .await;
+        let result = match setup::Config::with_env(args, &common, lookup) {
+            Err(e) => Err(Error::Usage(e)),
+            Ok(cfg) => setup::apply(&cfg, &mut out)
+                .await
+                .map_err(|e| Error::Failed(e.to_string())),
+        };
         let out = String::from_utf8(out).expect("UTF-8 output");
         (result, out)
     }
@@ -128,7 +131,7 @@ impl Pump {
             reconnect: false,
             ..ConnectOptions::new(format!("setup-test-{short}"))
         };
-        Client::connect(&url, opts)
+        Client::connect(&common::broker(&url), opts)
             .await
             .unwrap_or_else(|e| panic!("connecting as {short}: {e}"))
     }
@@ -292,11 +295,11 @@ async fn fresh_vhost_then_no_change_and_dry_run_changes_nothing() {
         "xpublic".to_owned(),
         "xreport".to_owned(),
         "xrejected".to_owned(),
-        format!("xs_{radar}"),
-        format!("xs_{}", pump.user("cfs")),
-        format!("xs_{feed}"),
-        format!("xs_{}", pump.user("boss")),
-        format!("xr_{radar}"),
+        names::user_exchange(&radar),
+        names::user_exchange(&pump.user("cfs")),
+        names::user_exchange(&feed),
+        names::user_exchange(&pump.user("boss")),
+        names::source_exchange(&radar),
     ] {
         let x = exchanges
             .iter()
@@ -307,7 +310,7 @@ async fn fresh_vhost_then_no_change_and_dry_run_changes_nothing() {
     assert!(
         !exchanges
             .iter()
-            .any(|x| x.name == format!("xr_{}", pump.user("cfs")))
+            .any(|x| x.name == names::source_exchange(&pump.user("cfs")))
     );
     // Queues and bindings, the shapes the route daemon declares.
     let reports = vh
@@ -405,7 +408,7 @@ async fn permissions_hold_over_amqp() {
     // A source reads its own report exchange: bind a queue of its own and consume.
     let c = pump.connect(&vh, "radar").await;
     let mine = format!("q_{radar}.x");
-    c.declare(&bind(&mine, &format!("xr_{radar}")))
+    c.declare(&bind(&mine, &names::source_exchange(&radar)))
         .await
         .expect("radar binds q_radar.x to xr_radar");
     let mut consumer = c
@@ -416,7 +419,7 @@ async fn permissions_hold_over_amqp() {
         .mgmt
         .publish(
             &vh.name,
-            &format!("xr_{radar}"),
+            &names::source_exchange(&radar),
             "v02.report.a",
             "for radar",
             &Map::new(),
@@ -434,36 +437,38 @@ async fn permissions_hold_over_amqp() {
 
     // ...but not another source's, nor the pump's report exchange.
     let other = format!("q_{radar}.y");
-    let r = c.declare(&bind(&other, &format!("xr_{sat}"))).await;
+    let r = c
+        .declare(&bind(&other, &names::source_exchange(&sat)))
+        .await;
     assert_refused("radar binds to xr_sat", r);
     let r = c.declare(&bind(&mine, "xreport")).await;
     assert_refused("radar binds to xreport", r);
     // It cannot declare queues outside q_radar.*.
     let r = c
-        .declare(&bind(&format!("q_{sat}.z"), &format!("xs_{radar}")))
+        .declare(&bind(&format!("q_{sat}.z"), &names::user_exchange(&radar)))
         .await;
     assert_refused("radar declares q_sat.z", r);
     // It writes only to xs_radar.
     assert_refused("radar publishes to xreport", publish(&c, "xreport").await);
     assert_refused(
         "radar publishes to xr_radar",
-        publish(&c, &format!("xr_{radar}")).await,
+        publish(&c, &names::source_exchange(&radar)).await,
     );
-    publish(&c, &format!("xs_{radar}"))
+    publish(&c, &names::user_exchange(&radar))
         .await
         .expect("radar publishes to xs_radar");
     c.close().await;
 
     // A subscriber publishes only to its xs_ exchange; reads xpublic, not xr_ of others.
     let c = pump.connect(&vh, "cfs").await;
-    publish(&c, &format!("xs_{cfs}"))
+    publish(&c, &names::user_exchange(&cfs))
         .await
         .expect("cfs publishes to xs_cfs");
     for x in [
-        format!("xs_{radar}"),
+        names::user_exchange(&radar),
         "xpublic".to_owned(),
         "xreport".to_owned(),
-        format!("xr_{cfs}"),
+        names::source_exchange(&cfs),
     ] {
         assert_refused(&format!("cfs publishes to {x}"), publish(&c, &x).await);
     }
@@ -471,31 +476,34 @@ async fn permissions_hold_over_amqp() {
         .await
         .expect("cfs binds its queue to xpublic");
     let r = c
-        .declare(&bind(&format!("q_{cfs}.sub"), &format!("xr_{radar}")))
+        .declare(&bind(
+            &format!("q_{cfs}.sub"),
+            &names::source_exchange(&radar),
+        ))
         .await;
     assert_refused("cfs binds to xr_radar", r);
     c.close().await;
 
     // Anchored: sat's patterns do not match satx's names.
     let c = pump.connect(&vh, "sat").await;
-    publish(&c, &format!("xs_{sat}"))
+    publish(&c, &names::user_exchange(&sat))
         .await
         .expect("sat publishes to xs_sat");
     assert_refused(
         "sat publishes to xs_satx",
-        publish(&c, &format!("xs_{satx}")).await,
+        publish(&c, &names::user_exchange(&satx)).await,
     );
     let r = c
-        .declare(&bind(&format!("q_{satx}.a"), &format!("xs_{sat}")))
+        .declare(&bind(&format!("q_{satx}.a"), &names::user_exchange(&sat)))
         .await;
     assert_refused("sat declares q_satx.a", r);
     let r = c
-        .declare(&bind(&format!("q_{sat}.a"), &format!("xr_{satx}")))
+        .declare(&bind(&format!("q_{sat}.a"), &names::source_exchange(&satx)))
         .await;
     assert_refused("sat binds to xr_satx", r);
     c.close().await;
     let c = pump.connect(&vh, "satx").await;
-    publish(&c, &format!("xs_{satx}"))
+    publish(&c, &names::user_exchange(&satx))
         .await
         .expect("satx publishes to xs_satx");
     c.close().await;
@@ -577,7 +585,7 @@ async fn prune_removes_what_is_no_longer_declared() {
         exchanges.contains(&"other".to_owned()),
         "not an x* exchange"
     );
-    assert!(exchanges.contains(&format!("xs_{}", pump.user("radar"))));
+    assert!(exchanges.contains(&names::user_exchange(&pump.user("radar"))));
     for amq in &amq_before {
         assert!(exchanges.contains(amq), "{amq:?} kept");
     }
@@ -612,10 +620,13 @@ async fn retained_queue_keeps_the_newest() {
     let radar = pump.user("radar");
 
     // Published as guest with confirms: once confirmed, each is in the queue.
-    let c = Client::connect(&vh.amqp_url, ConnectOptions::new("setup-test-retain"))
-        .await
-        .unwrap();
-    let exchange = format!("xr_{radar}");
+    let c = Client::connect(
+        &common::broker(&vh.amqp_url),
+        ConnectOptions::new("setup-test-retain"),
+    )
+    .await
+    .unwrap();
+    let exchange = names::source_exchange(&radar);
     for i in 0..8 {
         c.publish_raw(
             &exchange,
@@ -704,7 +715,7 @@ async fn import_from_a_sarracenia_directory() {
     ] {
         assert!(out.contains(&format!("{want}\n")), "{want}\n{out}");
     }
-    assert!(!out.contains(&format!("xr_{sub}")), "{out}");
+    assert!(!out.contains(&names::source_exchange(&sub)), "{out}");
 
     // The decoded password works, over HTTP and over AMQP.
     let password = "s@cret:1/#";
@@ -714,7 +725,7 @@ async fn import_from_a_sarracenia_directory() {
         .await
         .expect("the imported admin logs in");
     let c = Client::connect(
-        &vh.amqp_url_as(&src, password),
+        &common::broker(&vh.amqp_url_as(&src, password)),
         ConnectOptions {
             reconnect: false,
             ..ConnectOptions::new("setup-test-import")
@@ -722,7 +733,7 @@ async fn import_from_a_sarracenia_directory() {
     )
     .await
     .expect("the imported source connects");
-    publish(&c, &format!("xs_{src}")).await.unwrap();
+    publish(&c, &names::user_exchange(&src)).await.unwrap();
     c.close().await;
 
     let (result, out) = pump.setup(&vh, args).await;
@@ -737,7 +748,7 @@ async fn import_from_a_sarracenia_directory() {
     };
     let (result, out) = pump.setup(&vh, bad).await;
     let e = result.unwrap_err();
-    assert!(e.is_usage(), "{e}");
+    assert_eq!(e.exit_code(), 2, "{e}");
     assert!(e.to_string().contains("admin.conf:2:"), "{e}");
     assert_eq!(out, "");
 }
@@ -766,7 +777,7 @@ async fn problems_are_reported_and_everything_else_applied() {
     let (result, out) = pump.setup(&vh, Args::default()).await;
     println!("--- problems ---\n{out}");
     let e = result.unwrap_err();
-    assert!(!e.is_usage());
+    assert_eq!(e.exit_code(), 1, "{e}");
     assert_eq!(
         e.to_string(),
         "setup: 2 problems left (the lines starting with '!')"
@@ -788,9 +799,12 @@ async fn problems_are_reported_and_everything_else_applied() {
     assert_eq!(user_tags(&vh, &radar).await, Some(vec![]));
     assert_eq!(user_tags(&vh, &nopw).await, None);
     let bindings = vh.mgmt.list_bindings(&vh.name).await.unwrap();
-    assert!(bindings.iter().any(
-        |b| b.source == format!("xr_{radar}") && b.destination == format!("q_{radar}.reports")
-    ));
+    assert!(
+        bindings
+            .iter()
+            .any(|b| b.source == names::source_exchange(&radar)
+                && b.destination == format!("q_{radar}.reports"))
+    );
 
     // Once the operator deletes the queue (and gives the password), setup completes.
     vh.mgmt

@@ -4,6 +4,8 @@
 
 mod common;
 
+use pumpwatch::broker::names;
+
 use common::proc;
 use std::time::Duration;
 
@@ -82,7 +84,7 @@ async fn sends_what_it_says_to_each_clients_exchange() {
         let by_client = summary.lines().find(|l| l.contains("by client:")).unwrap();
         for line in &lines {
             let j: serde_json::Value = serde_json::from_str(line).unwrap();
-            assert_eq!(j["exchange"], format!("xs_{client}"));
+            assert_eq!(j["exchange"], names::user_exchange(client));
             if j["code"] == 102 {
                 started += 1;
             }

@@ -6,13 +6,13 @@
 
 mod common;
 
-use pumpwatch::amqp::{Client, ConnectOptions, ExchangeDecl, QueueDecl, Topology};
+use pumpwatch::broker::amqp::{Client, ConnectOptions, ExchangeDecl, QueueDecl, Topology};
+use pumpwatch::cmd::speedo::{self, Decoded, Subject};
 use pumpwatch::config::Config;
 use pumpwatch::core::emit::{Outgoing, emit};
 use pumpwatch::core::report::{Format, H_CLIENT, H_SOURCE, Identity, Incoming, Report};
 use pumpwatch::core::{Headers, Stamp};
 use pumpwatch::shutdown::Shutdown;
-use pumpwatch::speedo::{self, Decoded, Subject};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -99,7 +99,7 @@ fn traffic() -> Vec<Outgoing> {
 }
 
 async fn publish(url: &str, exchange: &str, msgs: &[Outgoing]) {
-    let client = Client::connect(url, ConnectOptions::new("test publisher"))
+    let client = Client::connect(&common::broker(url), ConnectOptions::new("test publisher"))
         .await
         .unwrap();
     let mut pending = Vec::new();
@@ -140,7 +140,7 @@ async fn watch(url: &str, exchange: &str) -> (Client, Seen) {
         )
     };
     let client = Client::connect(
-        url,
+        &common::broker(url),
         ConnectOptions {
             name: format!("watch {exchange}"),
             topology: t,
@@ -185,10 +185,11 @@ async fn speedos_on_xreport_and_xr_source_add_up_exactly() {
         return;
     };
     let url = vh.amqp_url.clone();
-    let cfg = speedo::Config::new(url.clone(), config());
+    let cfg =
+        speedo::Config::from_args(Default::default(), &common::common(config(), &url)).unwrap();
     // Declare speedo's queue first, so nothing published before it consumes is lost.
     let setup = Client::connect(
-        &url,
+        &common::broker(&url),
         ConnectOptions {
             topology: speedo::topology(&cfg),
             ..ConnectOptions::new("test setup")
@@ -199,7 +200,7 @@ async fn speedos_on_xreport_and_xr_source_add_up_exactly() {
     let (_w1, on_report) = watch(&url, "xreport").await;
     let (_w2, on_radar) = watch(&url, "xr_radar").await;
     let shutdown = Shutdown::new();
-    let run = tokio::spawn(speedo::run(cfg, shutdown.clone()));
+    let run = tokio::spawn(speedo::run_counting(cfg, shutdown.clone()));
     publish(&url, "xreport", &traffic()).await;
 
     let cfs = Subject::Client("cfs".into());
@@ -311,9 +312,9 @@ async fn a_source_interval_override_applies_to_its_own_speedos_only() {
         "test",
     )
     .unwrap();
-    let cfg = speedo::Config::new(url.clone(), pump);
+    let cfg = speedo::Config::from_args(Default::default(), &common::common(pump, &url)).unwrap();
     let setup = Client::connect(
-        &url,
+        &common::broker(&url),
         ConnectOptions {
             topology: speedo::topology(&cfg),
             ..ConnectOptions::new("test setup")
@@ -324,7 +325,7 @@ async fn a_source_interval_override_applies_to_its_own_speedos_only() {
     let (_w1, on_report) = watch(&url, "xreport").await;
     let (_w2, on_radar) = watch(&url, "xr_radar").await;
     let shutdown = Shutdown::new();
-    let run = tokio::spawn(speedo::run(cfg, shutdown.clone()));
+    let run = tokio::spawn(speedo::run_counting(cfg, shutdown.clone()));
     publish(&url, "xreport", &[report(0, 201, 5), report(1, 201, 5)]).await;
     let radar = Subject::Source("radar".into());
     common::wait_until("three radar speedos on xr_radar", T, || {

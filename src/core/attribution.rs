@@ -1,27 +1,20 @@
-//! Who is the client and whose product is it (SPEC §2). `route` decides once and stamps
-//! `pumpwatch_client`/`pumpwatch_source`; everything later reads the stamps first and falls
-//! back to these rules (without the announcement index) only for reports that entered
-//! `xreport` another way.
+//! Who is the client and whose product is it (SPEC §2), written once: [`Attributor`].
+//!
+//! `route` decides once, from the report, the exchange it was posted to and the
+//! announcement index ([`Attributor::decide_client`], [`Attributor::decide_source`]), and
+//! stamps `pumpwatch_client`/`pumpwatch_source`. Every later component (speedo, serve,
+//! log's filters, watchdog, archive) asks [`Attributor::client`] / [`Attributor::source`],
+//! which read the stamps first and fall back to the same rules (without the index) only for
+//! reports that entered `xreport` another way; so `log --source X` and the speedometers
+//! can never disagree about a report.
 
 use super::report::{Announcement, Report};
 use super::stamp::Stamp;
 use regex::Regex;
 use std::collections::{HashMap, HashSet, VecDeque};
 
-/// The client as later components see it: the stamp, else the report's own user field.
-pub fn client_of(r: &Report) -> Option<&str> {
-    r.stamped_client.as_deref().or(r.user.as_deref())
-}
-
-/// The source as later components see it: the stamp, else the report's `source` value.
-pub fn source_of(r: &Report) -> Option<&str> {
-    r.stamped_source.as_deref().or(r.source.as_deref())
-}
-
-/// The owner of a per-user exchange `xs_<user>`.
-pub fn exchange_owner(exchange: &str) -> Option<&str> {
-    exchange.strip_prefix("xs_").filter(|u| !u.is_empty())
-}
+/// The relPath pattern of the pump tree `YYYYMMDD/<source>/...` (`route.relpath_pattern`).
+pub const DEFAULT_RELPATH_PATTERN: &str = r"^/?\d{8}/(?P<source>[^/]+)/";
 
 /// The declared accounts, as far as attribution cares. With none declared (no
 /// configuration), any `source` value is believed: there is nothing to check it against.
@@ -46,32 +39,96 @@ impl Accounts {
     }
 }
 
-/// SPEC §2 "Who is the client?": the report's own user field, else the owner of the
-/// `xs_<user>` exchange it was posted to, else the AMQP `user_id`, else a `source` value
-/// naming a declared non-source account (sr3 puts its own user there).
-pub fn client(r: &Report, user_id: Option<&str>, accounts: &Accounts) -> Option<String> {
-    r.user
-        .as_deref()
-        .or_else(|| exchange_owner(&r.exchange))
-        .or(user_id.filter(|u| !u.is_empty()))
-        .or_else(|| r.source.as_deref().filter(|s| accounts.others.contains(*s)))
-        .map(str::to_owned)
+/// The rules of SPEC §2 "Who is the client?" and "Whose product is it?", built once from
+/// the configuration and shared by every component.
+#[derive(Debug, Clone)]
+pub struct Attributor {
+    pub accounts: Accounts,
+    pub relpath: Regex,
 }
 
-/// SPEC §2 "Whose product is it?", with the index when `route` has one.
-pub fn source(
-    r: &Report,
-    accounts: &Accounts,
-    index: Option<&AnnouncementIndex>,
-    relpath: &Regex,
-) -> Option<String> {
-    if let Some(s) = r.source.as_deref().filter(|s| accounts.is_source(s)) {
-        return Some(s.to_owned());
+impl Attributor {
+    pub fn new(accounts: Accounts, relpath: Regex) -> Attributor {
+        Attributor { accounts, relpath }
     }
-    if let Some(s) = index.and_then(|i| i.lookup(r)) {
-        return Some(s.to_owned());
+
+    /// `route`'s decision, stamps ignored (a user's own `pumpwatch_*` headers are never
+    /// believed): the report's own user field, else `owner` (the owner of the `xs_<user>`
+    /// exchange it was posted to), else the AMQP `user_id`, else a `source` value naming a
+    /// declared non-source account (sr3 puts its own user there).
+    pub fn decide_client(
+        &self,
+        r: &Report,
+        owner: Option<&str>,
+        user_id: Option<&str>,
+    ) -> Option<String> {
+        r.user
+            .as_deref()
+            .filter(|u| !u.is_empty())
+            .or(owner.filter(|o| !o.is_empty()))
+            .or(user_id.filter(|u| !u.is_empty()))
+            .or_else(|| {
+                r.source
+                    .as_deref()
+                    .filter(|s| self.accounts.others.contains(*s))
+            })
+            .map(str::to_owned)
     }
-    source_from_path(&r.rel_path, relpath).filter(|s| accounts.is_source(s))
+
+    /// `route`'s decision, stamps ignored: a `source` value naming a declared source, else
+    /// the announcement it answers (when `index` is given), else the relPath pattern.
+    pub fn decide_source(&self, r: &Report, index: Option<&AnnouncementIndex>) -> Option<String> {
+        if let Some(s) = r.source.as_deref().filter(|s| self.accounts.is_source(s)) {
+            return Some(s.to_owned());
+        }
+        if let Some(s) = index.and_then(|i| i.lookup(r)) {
+            return Some(s.to_owned());
+        }
+        source_from_path(&r.rel_path, &self.relpath).filter(|s| self.accounts.is_source(s))
+    }
+
+    /// The client as every component after `route` sees it: the stamp, else
+    /// [`decide_client`](Self::decide_client) without an exchange owner.
+    pub fn client(&self, r: &Report, user_id: Option<&str>) -> Option<String> {
+        match r.stamped_client.as_deref() {
+            Some(c) if !c.is_empty() => Some(c.to_owned()),
+            _ => self.decide_client(r, None, user_id),
+        }
+    }
+
+    /// Both, as every component after `route` sees them.
+    pub fn who(&self, r: &Report, user_id: Option<&str>) -> Who {
+        Who {
+            client: self.client(r, user_id),
+            source: self.source(r),
+        }
+    }
+
+    /// The source as every component after `route` sees it: the stamp, else
+    /// [`decide_source`](Self::decide_source) without the index.
+    pub fn source(&self, r: &Report) -> Option<String> {
+        match r.stamped_source.as_deref() {
+            Some(s) if !s.is_empty() => Some(s.to_owned()),
+            _ => self.decide_source(r, None),
+        }
+    }
+}
+
+/// A report's client and source, as the components after `route` see them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Who {
+    pub client: Option<String>,
+    pub source: Option<String>,
+}
+
+impl Default for Attributor {
+    fn default() -> Self {
+        Attributor {
+            accounts: Accounts::default(),
+            relpath: Regex::new(DEFAULT_RELPATH_PATTERN)
+                .unwrap_or_else(|e| unreachable!("the default pattern compiles: {e}")),
+        }
+    }
 }
 
 /// The `source` group of the relPath pattern (default: the pump tree `YYYYMMDD/<source>/`).
@@ -173,7 +230,7 @@ mod tests {
     use crate::core::report::{Format, Identity};
 
     fn re() -> Regex {
-        Regex::new(crate::config::DEFAULT_RELPATH_PATTERN).unwrap()
+        Regex::new(DEFAULT_RELPATH_PATTERN).unwrap()
     }
 
     fn rep(user: Option<&str>, source: Option<&str>, exchange: &str, rel: &str) -> Report {
@@ -212,38 +269,41 @@ mod tests {
         }
     }
 
+    fn attributor(accounts: Accounts) -> Attributor {
+        Attributor::new(accounts, re())
+    }
+
     #[test]
     fn client_rules_in_order() {
-        let a = accounts();
+        let a = attributor(accounts());
+        let c = |r: &Report, owner: Option<&str>, uid: Option<&str>| a.decide_client(r, owner, uid);
         assert_eq!(
-            client(&rep(Some("u"), None, "xs_cfs", ""), None, &a).as_deref(),
+            c(&rep(Some("u"), None, "", ""), Some("cfs"), None).as_deref(),
             Some("u")
         );
         assert_eq!(
-            client(&rep(None, None, "xs_cfs", ""), Some("x"), &a).as_deref(),
+            c(&rep(None, None, "", ""), Some("cfs"), Some("x")).as_deref(),
             Some("cfs")
         );
         assert_eq!(
-            client(&rep(None, None, "xreport", ""), Some("x"), &a).as_deref(),
+            c(&rep(None, None, "", ""), None, Some("x")).as_deref(),
             Some("x")
         );
         assert_eq!(
-            client(&rep(None, Some("edu"), "xreport", ""), None, &a).as_deref(),
+            c(&rep(None, Some("edu"), "", ""), None, None).as_deref(),
             Some("edu")
         );
-        assert_eq!(
-            client(&rep(None, Some("radar"), "xreport", ""), None, &a),
-            None
-        );
+        assert_eq!(c(&rep(None, Some("radar"), "", ""), None, None), None);
+        assert_eq!(c(&rep(Some(""), None, "", ""), Some(""), Some("")), None);
     }
 
     #[test]
     fn source_rules_in_order() {
-        let a = accounts();
+        let a = attributor(accounts());
         let mut idx = AnnouncementIndex::new(10);
         // sr3 overwrote source with its own user and relPath with a local path.
         let r = rep(None, Some("cfs"), "xs_cfs", "/home/cfs/data/f.h5");
-        assert_eq!(source(&r, &a, Some(&idx), &re()), None);
+        assert_eq!(a.decide_source(&r, Some(&idx)), None);
         let ann = Announcement {
             format: Format::V03,
             topic: String::new(),
@@ -255,30 +315,60 @@ mod tests {
             size_bytes: None,
         };
         assert!(idx.insert(&ann, "sat"));
-        assert_eq!(source(&r, &a, Some(&idx), &re()).as_deref(), Some("sat"));
+        assert_eq!(a.decide_source(&r, Some(&idx)).as_deref(), Some("sat"));
         assert_eq!(
-            source(&rep(None, Some("radar"), "", "x"), &a, None, &re()).as_deref(),
+            a.decide_source(&rep(None, Some("radar"), "", "x"), None)
+                .as_deref(),
             Some("radar")
         );
         assert_eq!(
-            source(&rep(None, None, "", "20240101/radar/x"), &a, None, &re()).as_deref(),
+            a.decide_source(&rep(None, None, "", "20240101/radar/x"), None)
+                .as_deref(),
             Some("radar")
         );
         assert_eq!(
-            source(&rep(None, None, "", "20240101/nobody/x"), &a, None, &re()),
+            a.decide_source(&rep(None, None, "", "20240101/nobody/x"), None),
             None
         );
         // Without declared accounts the source value is believed.
+        let open = attributor(Accounts::default());
         assert_eq!(
-            source(
-                &rep(None, Some("zz"), "", "x"),
-                &Accounts::default(),
-                None,
-                &re()
-            )
-            .as_deref(),
+            open.decide_source(&rep(None, Some("zz"), "", "x"), None)
+                .as_deref(),
             Some("zz")
         );
+    }
+
+    #[test]
+    fn later_components_read_the_stamps_first_then_the_same_rules() {
+        let a = attributor(accounts());
+        let mut r = rep(Some("cfs"), None, "xreport", "20240101/radar/x.h5");
+        r.stamped_client = Some("edu".into());
+        r.stamped_source = Some("sat".into());
+        assert_eq!(
+            (a.client(&r, None), a.source(&r)),
+            (Some("edu".into()), Some("sat".into()))
+        );
+        r.stamped_client = None;
+        r.stamped_source = None;
+        assert_eq!(
+            (a.client(&r, None), a.source(&r)),
+            (Some("cfs".into()), Some("radar".into()))
+        );
+        // sr3: no user, its own user in `source`, a local relPath.
+        r.user = None;
+        r.source = Some("cfs".into());
+        r.rel_path = "/home/cfs/x.h5".into();
+        assert_eq!(
+            (a.client(&r, None), a.source(&r)),
+            (Some("cfs".into()), None)
+        );
+        r.source = None;
+        assert_eq!(a.client(&r, Some("uid")).as_deref(), Some("uid"));
+        assert_eq!(a.client(&r, None), None);
+        // An empty stamp is no stamp.
+        r.stamped_client = Some(String::new());
+        assert_eq!(a.client(&r, None), None);
     }
 
     #[test]

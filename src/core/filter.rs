@@ -1,6 +1,6 @@
 //! The filters of `pumpwatch log` (SPEC §4.3), as one value checked against each report.
 
-use super::attribution;
+use super::attribution::Who;
 use super::code::CodeRange;
 use super::report::{Incoming, Report};
 use regex::Regex;
@@ -22,13 +22,17 @@ pub struct Filter {
 }
 
 impl Filter {
-    pub fn matches(&self, r: &Report, raw: &Incoming<'_>) -> bool {
+    /// `who` is the report's client and source as [`Attributor::who`] tells them, so the
+    /// filters agree with every other component.
+    ///
+    /// [`Attributor::who`]: super::attribution::Attributor::who
+    pub fn matches(&self, r: &Report, who: &Who, raw: &Incoming<'_>) -> bool {
         let eq = |want: &Option<String>, have: Option<&str>| match want {
             Some(w) => have == Some(w.as_str()),
             None => true,
         };
-        eq(&self.source, attribution::source_of(r))
-            && eq(&self.client, attribution::client_of(r))
+        eq(&self.source, who.source.as_deref())
+            && eq(&self.client, who.client.as_deref())
             && eq(&self.host, r.host.as_deref())
             && eq(&self.flow, r.flow.as_deref())
             && self.code.as_ref().is_none_or(|c| c.contains(r.code))

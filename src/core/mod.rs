@@ -6,6 +6,7 @@ pub mod code;
 pub mod emit;
 pub mod filter;
 pub mod headers;
+pub mod health;
 pub mod report;
 pub mod stamp;
 pub mod topic;

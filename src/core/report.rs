@@ -15,6 +15,8 @@ pub const DEFAULT_MAX_BODY: usize = 1 << 20;
 /// Header names pumpwatch stamps during validation (SPEC §2 "Attribution happens once").
 pub const H_CLIENT: &str = "pumpwatch_client";
 pub const H_SOURCE: &str = "pumpwatch_source";
+/// How many pumps a report crossed (set by `route`, SPEC §4.2).
+pub const H_HOPS: &str = "pumpwatch_hops";
 
 /// A message as received: what the adapter hands to the core.
 #[derive(Debug, Clone, Copy)]

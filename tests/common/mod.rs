@@ -24,7 +24,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
-use pumpwatch::mgmt::MgmtClient;
+use pumpwatch::broker::mgmt::MgmtClient;
 
 /// Where the tests expect the broker (`.ci/run` starts it there).
 pub const AMQP_ADDR: &str = "127.0.0.1:5672";
@@ -254,4 +254,14 @@ fn unix_secs() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// A broker URL the adapter takes; panics on a malformed one (a test bug).
+pub fn broker(url: &str) -> pumpwatch::broker::url::BrokerUrl {
+    pumpwatch::broker::url::BrokerUrl::parse(url).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// What every command gets besides its flags: `file` with the broker at `url`.
+pub fn common(file: pumpwatch::config::Config, url: &str) -> pumpwatch::cmd::Common {
+    pumpwatch::cmd::Common::with_broker(file, &broker(url))
 }

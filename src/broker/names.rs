@@ -1,0 +1,214 @@
+//! Names and shapes of the broker objects pumpwatch uses (SPEC §3), in one place so that
+//! `setup` (through the management API) and the daemons (through AMQP) declare exactly the
+//! same queues with exactly the same arguments (a mismatch would be refused by the broker),
+//! and so that no component builds a name of its own. The header names pumpwatch stamps
+//! are defined in the core (the parser reads them) and re-exported here.
+
+use crate::config::{Config, QueueType, Role};
+
+pub use crate::core::report::{H_CLIENT, H_HOPS, H_SOURCE};
+
+/// Why a message was rejected (on `xrejected`).
+pub const H_REASON: &str = "pumpwatch_reason";
+/// Which `route` stage rejected it.
+pub const H_STAGE: &str = "pumpwatch_stage";
+/// The exchange a rejected message had been posted to.
+pub const H_EXCHANGE: &str = "pumpwatch_exchange";
+
+const USER_EXCHANGE_PREFIX: &str = "xs_";
+
+/// `xs_<user>`: where a user posts its announcements and reports.
+pub fn user_exchange(user: &str) -> String {
+    format!("{USER_EXCHANGE_PREFIX}{user}")
+}
+
+/// The owner of a per-user exchange `xs_<user>`.
+pub fn exchange_owner(exchange: &str) -> Option<&str> {
+    exchange
+        .strip_prefix(USER_EXCHANGE_PREFIX)
+        .filter(|u| !u.is_empty())
+}
+
+/// `xr_<source>`: the reports about a source's products.
+pub fn source_exchange(source: &str) -> String {
+    format!("xr_{source}")
+}
+
+/// `xforward_<cluster>`: reports to send to another pump.
+pub fn forward_exchange(cluster: &str) -> String {
+    format!("xforward_{cluster}")
+}
+
+/// A private queue name `q_<user>.<component>.<random>` (an exclusive queue of one
+/// reader, such as `log` or `serve`).
+pub fn private_queue(user: &str, component: &str) -> String {
+    format!(
+        "{}{component}.{:08x}",
+        user_queue_prefix(user),
+        rand::random::<u32>()
+    )
+}
+
+/// `q_<user>.`: every queue of `user` starts with it (its permissions are anchored on it).
+pub fn user_queue_prefix(user: &str) -> String {
+    format!("q_{user}.")
+}
+
+/// A durable queue of `user` for `component` that survives restarts:
+/// `q_<user>.<component>.<name>` (`log --queue NAME`).
+pub fn named_queue(user: &str, component: &str, name: &str) -> String {
+    format!("{}{component}.{name}", user_queue_prefix(user))
+}
+
+/// The account the daemons run as: the first declared feeder, else the broker user.
+pub fn feeder(config: &Config, broker_user: &str) -> String {
+    config
+        .users
+        .values()
+        .find(|u| u.role == Role::Feeder)
+        .map(|u| u.name.clone())
+        .unwrap_or_else(|| broker_user.to_owned())
+}
+
+/// A queue argument value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Arg {
+    Int(i64),
+    Str(String),
+}
+
+/// A durable queue and what it is bound to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueShape {
+    pub name: String,
+    pub arguments: Vec<(String, Arg)>,
+    /// (exchange, routing key)
+    pub bindings: Vec<(String, String)>,
+}
+
+fn base_args(qt: QueueType) -> Vec<(String, Arg)> {
+    match qt {
+        QueueType::Classic => vec![],
+        QueueType::Quorum => vec![("x-queue-type".into(), Arg::Str("quorum".into()))],
+    }
+}
+
+/// Bounded: the oldest messages are dropped first once `max` are queued.
+fn bounded(qt: QueueType, max: u32) -> Vec<(String, Arg)> {
+    let mut a = base_args(qt);
+    a.push(("x-max-length".into(), Arg::Int(i64::from(max))));
+    a.push(("x-overflow".into(), Arg::Str("drop-head".into())));
+    a
+}
+
+/// How many rejected messages are kept for admins to inspect.
+pub const REJECTED_KEEP: u32 = 100_000;
+
+/// `route`'s validate queue: every user's `xs_<user>` and `xpublic` (announcements).
+pub fn validate_queue(config: &Config, feeder: &str) -> QueueShape {
+    let mut bindings: Vec<(String, String)> = config
+        .users
+        .keys()
+        .map(|u| (user_exchange(u), "#".to_owned()))
+        .collect();
+    bindings.push((config.exchanges.public.clone(), "#".into()));
+    QueueShape {
+        name: format!("q_{feeder}.route.validate"),
+        arguments: base_args(config.route.queue_type),
+        bindings,
+    }
+}
+
+/// `route`'s dispatch queue: everything in `xreport`.
+pub fn dispatch_queue(config: &Config, feeder: &str) -> QueueShape {
+    QueueShape {
+        name: format!("q_{feeder}.route.dispatch"),
+        arguments: base_args(config.route.queue_type),
+        bindings: vec![(config.exchanges.report.clone(), "#".into())],
+    }
+}
+
+/// Keeps what validation refused, bounded, so admins can look at it later.
+pub fn rejected_queue(config: &Config, feeder: &str) -> QueueShape {
+    QueueShape {
+        name: format!("q_{feeder}.route.rejected"),
+        arguments: bounded(config.route.queue_type, REJECTED_KEEP),
+        bindings: vec![(config.exchanges.rejected.clone(), "#".into())],
+    }
+}
+
+/// A source's retained reports `q_<source>.reports`, when `retain > 0`.
+pub fn retained_queue(config: &Config, source: &str, retain: u32) -> QueueShape {
+    QueueShape {
+        name: format!("q_{source}.reports"),
+        arguments: bounded(config.route.queue_type, retain),
+        bindings: vec![(source_exchange(source), "#".into())],
+    }
+}
+
+/// `speedo`'s queue: everything in `xreport` (its own speedos are recognised and skipped).
+pub fn speedo_queue(config: &Config, feeder: &str) -> QueueShape {
+    QueueShape {
+        name: format!("q_{feeder}.speedo"),
+        arguments: base_args(config.route.queue_type),
+        bindings: vec![(config.exchanges.report.clone(), "#".into())],
+    }
+}
+
+/// Reports waiting to go to neighbour `cluster`: bound to `xforward_<cluster>`; the dynamic
+/// shovel of SPEC §4.8 drains it to the neighbour's `xreport`, so a neighbour that is down
+/// gets its reports when it comes back.
+pub fn forward_queue(config: &Config, feeder: &str, cluster: &str) -> QueueShape {
+    QueueShape {
+        name: format!("q_{feeder}.forward.{cluster}"),
+        arguments: base_args(config.route.queue_type),
+        bindings: vec![(forward_exchange(cluster), "#".into())],
+    }
+}
+
+/// The neighbours reports are sent to directly (those without `via`).
+pub fn next_hops(config: &Config) -> impl Iterator<Item = &str> {
+    config
+        .neighbours
+        .values()
+        .filter(|n| n.via.is_none())
+        .map(|n| n.name.as_str())
+}
+
+impl QueueShape {
+    /// The queue and its bindings as AMQP declarations, so a daemon declares exactly what
+    /// `setup` does.
+    pub fn topology(&self) -> crate::broker::amqp::Topology {
+        use crate::broker::amqp::{BindingDecl, QueueDecl, Topology};
+        use crate::core::{HeaderValue, Headers};
+        let mut arguments = Headers::new();
+        for (k, v) in &self.arguments {
+            let v = match v {
+                Arg::Int(i) => HeaderValue::Int(*i),
+                Arg::Str(s) => HeaderValue::Str(s.clone()),
+            };
+            arguments.set(k, v);
+        }
+        let queue = QueueDecl {
+            name: self.name.clone(),
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            arguments,
+        };
+        let bindings = self
+            .bindings
+            .iter()
+            .map(|(x, key)| BindingDecl {
+                queue: self.name.clone(),
+                exchange: x.clone(),
+                routing_key: key.clone(),
+            })
+            .collect();
+        Topology {
+            exchanges: vec![],
+            queues: vec![queue],
+            bindings,
+        }
+    }
+}

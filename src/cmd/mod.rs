@@ -1,0 +1,236 @@
+//! The subcommands. Every one is a folder with the same face:
+//!
+//! - `Args`: its clap flags (what the user typed);
+//! - `Config::from_args(args, &Common) -> Result<Config, UsageError>`: every check and
+//!   default in one place, so a bad value is refused before anything is connected;
+//! - `run(config, shutdown) -> Result<(), Error>`: does the work until done or `shutdown`.
+//!
+//! [`Common`] is what every command gets besides its own flags (the configuration file and
+//! the global options, resolved); [`Error`] is the one error type whose
+//! [`exit_code`](Error::exit_code) decides the exit status, the same for the same failure
+//! in every command. `main` is one match over [`Command`].
+
+pub mod log;
+pub mod report;
+pub mod route;
+pub mod serve;
+pub mod setup;
+pub mod simulate;
+pub mod speedo;
+
+use crate::broker::amqp::AmqpError;
+use crate::broker::mgmt::MgmtError;
+use crate::broker::url::BrokerUrl;
+use crate::config::{self, Config as FileConfig};
+use crate::shutdown::Shutdown;
+use clap::{Parser, Subcommand};
+use regex::Regex;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pumpwatch",
+    version = crate::VERSION,
+    about = "Monitoring and report propagation for Sarracenia-style data pumps"
+)]
+pub struct Cli {
+    /// TOML configuration (default: ./pumpwatch.toml if present, else built-in defaults).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// AMQP broker URL (default: amqp://guest:guest@127.0.0.1:5672/%2f).
+    #[arg(
+        long,
+        global = true,
+        env = "PUMPWATCH_BROKER",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub broker: Option<String>,
+    /// RabbitMQ management API URL [default: http://127.0.0.1:15672, broker credentials].
+    #[arg(long, global = true, value_name = "URL")]
+    pub admin_url: Option<String>,
+    /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Dump reports live, with filters.
+    Log(log::Args),
+    /// Publish one report.
+    Report(report::Args),
+    /// Drive a synthetic pump: publish simulated reports.
+    Simulate(simulate::Args),
+    /// Validate reports and route each to its product's source (daemon).
+    Route(route::Args),
+    /// Declare the pump on the broker: users, permissions, exchanges, queues.
+    Setup(setup::Args),
+    /// Publish speedometers (per client, per source, all) at set intervals (daemon).
+    Speedo(speedo::Args),
+    /// Live dashboard, /api/status, /api/events, /metrics (daemon).
+    Serve(serve::Args),
+}
+
+impl Command {
+    /// Long-running services log what they do at info; one-shot commands only warn.
+    pub fn is_daemon(&self) -> bool {
+        matches!(
+            self,
+            Command::Route(_) | Command::Speedo(_) | Command::Serve(_)
+        )
+    }
+
+    /// Validates the flags against `common`, then runs the command until it is done or
+    /// `shutdown` is cancelled.
+    pub async fn run(self, common: &Common, shutdown: Shutdown) -> Result<(), Error> {
+        match self {
+            Command::Log(a) => log::run(log::Config::from_args(a, common)?, shutdown).await,
+            Command::Report(a) => {
+                report::run(report::Config::from_args(a, common)?, shutdown).await
+            }
+            Command::Simulate(a) => {
+                simulate::run(simulate::Config::from_args(a, common)?, shutdown).await
+            }
+            Command::Route(a) => route::run(route::Config::from_args(a, common)?, shutdown).await,
+            Command::Setup(a) => setup::run(setup::Config::from_args(a, common)?, shutdown).await,
+            Command::Speedo(a) => {
+                speedo::run(speedo::Config::from_args(a, common)?, shutdown).await
+            }
+            Command::Serve(a) => serve::run(serve::Config::from_args(a, common)?, shutdown).await,
+        }
+    }
+}
+
+/// What every subcommand gets besides its own flags: the configuration file and the
+/// global options, resolved (flag, else environment, else file, else default).
+#[derive(Debug, Clone)]
+pub struct Common {
+    pub file: FileConfig,
+    pub broker: BrokerUrl,
+    /// The management API (`http://host:15672`); its credentials default to the broker's.
+    pub admin_url: String,
+}
+
+impl Common {
+    /// From the global flags: loads the configuration and parses the broker URL.
+    pub fn from_cli(cli: &Cli) -> Result<Common, UsageError> {
+        let file =
+            FileConfig::load(cli.config.as_deref()).map_err(|e| UsageError(e.to_string()))?;
+        Common::new(file, cli.broker.as_deref(), cli.admin_url.as_deref())
+    }
+
+    /// `broker`/`admin_url` override the file's; `None` takes the file's or the default.
+    pub fn new(
+        file: FileConfig,
+        broker: Option<&str>,
+        admin_url: Option<&str>,
+    ) -> Result<Common, UsageError> {
+        let text = broker
+            .or(file.broker.as_deref())
+            .unwrap_or(config::DEFAULT_BROKER);
+        let broker = BrokerUrl::parse(text).map_err(|e| UsageError(e.to_string()))?;
+        let admin_url = admin_url
+            .or(file.admin_url.as_deref())
+            .unwrap_or(config::DEFAULT_ADMIN_URL)
+            .to_owned();
+        Ok(Common {
+            file,
+            broker,
+            admin_url,
+        })
+    }
+
+    /// For tests and embedders: `file` with `broker`, the default management API.
+    pub fn with_broker(file: FileConfig, broker: &BrokerUrl) -> Common {
+        Common {
+            admin_url: file
+                .admin_url
+                .clone()
+                .unwrap_or_else(|| config::DEFAULT_ADMIN_URL.to_owned()),
+            file,
+            broker: broker.clone(),
+        }
+    }
+}
+
+/// Bad arguments or configuration: exit 2, before anything was done.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+impl UsageError {
+    pub fn new(text: impl Into<String>) -> Self {
+        UsageError(text.into())
+    }
+}
+
+/// Why a command failed. [`exit_code`](Error::exit_code): 2 for [`Error::Usage`], 1 for
+/// everything that happened while running. One line, never a password.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Usage(#[from] UsageError),
+    #[error("{0}")]
+    Broker(#[from] AmqpError),
+    #[error("{0}")]
+    Mgmt(#[from] MgmtError),
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: String, reason: String },
+    #[error("cannot write output: {0}")]
+    Output(#[from] std::io::Error),
+    /// A task of a daemon panicked or was aborted: the daemon stopped.
+    #[error("{0} stopped unexpectedly: {1}")]
+    Task(&'static str, String),
+    /// Any other failure while running, with its own one-line text.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl Error {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+
+    /// A joined task's failure (panic or abort) as an error naming the task.
+    pub fn from_join(task: &'static str, e: tokio::task::JoinError) -> Error {
+        let why = if e.is_panic() {
+            "it panicked".to_owned()
+        } else {
+            "it was aborted".to_owned()
+        };
+        Error::Task(task, why)
+    }
+}
+
+/// A regex flag value; the error is the last line of regex's explanation.
+pub fn parse_regex(s: &str) -> Result<Regex, String> {
+    Regex::new(s).map_err(|e| {
+        e.to_string()
+            .lines()
+            .last()
+            .unwrap_or("invalid regex")
+            .trim()
+            .to_owned()
+    })
+}
+
+/// A duration flag value (`300`, `0.5`, `5m`, `1h 30m`, `PT5M`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    crate::config::parse_duration(s)
+}
+
+/// A `--listen` address: checked here so a typo is a usage error, not a runtime one.
+pub fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .map_err(|e| format!("{s:?} is not a host:port address ({e})"))?
+        .next()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
+}

@@ -1,0 +1,499 @@
+//! What the broker should hold for this pump (SPEC §3): users with tags, passwords and
+//! permissions, exchanges, and the daemons' queues with their bindings. Pure: computed
+//! from the configuration, an optional Sarracenia import and an environment lookup.
+//!
+//! Every queue name, argument and binding comes from [`crate::broker::names`], the same
+//! functions the daemons declare over AMQP with, so the two can never disagree.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use super::sarracenia::Import;
+use crate::broker::names::{self, Arg, QueueShape};
+use crate::config::{Config, Role, User};
+
+/// A password. `Debug` hides it; `Display` is not implemented on purpose.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(password: impl Into<String>) -> Self {
+        Secret(password.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(****)")
+    }
+}
+
+/// A user's configure / write / read regexes on the vhost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Perms {
+    pub configure: String,
+    pub write: String,
+    pub read: String,
+}
+
+impl Perms {
+    fn all() -> Self {
+        Perms {
+            configure: ".*".into(),
+            write: ".*".into(),
+            read: ".*".into(),
+        }
+    }
+
+    /// Which of the three differ from `other`, in the order RabbitMQ shows them.
+    pub fn differences(&self, other: &Perms) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.configure != other.configure {
+            out.push("configure");
+        }
+        if self.write != other.write {
+            out.push("write");
+        }
+        if self.read != other.read {
+            out.push("read");
+        }
+        out
+    }
+}
+
+/// Escapes the regex metacharacters of a name for RabbitMQ's (PCRE) permission patterns.
+/// Only the characters that mean something there are escaped, so `q_radar.x` becomes
+/// `q_radar\.x` and an operator reading the pattern still sees the name.
+pub fn escape(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for c in name.chars() {
+        if "\\^$.|?*+()[]{}".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The permissions of a role (SPEC §3), every pattern anchored so that user `sat` does
+/// not match `xs_satx`. `public` is the public exchange (`xpublic`).
+pub fn permissions(role: Role, user: &str, public: &str) -> Perms {
+    let queues = format!("{}.*", escape(&names::user_queue_prefix(user)));
+    let xs = escape(&names::user_exchange(user));
+    let xr = escape(&names::source_exchange(user));
+    let public = escape(public);
+    let read = format!("^({queues}|{xs}|{xr}|{public})$");
+    match role {
+        Role::Source => Perms {
+            configure: format!("^({queues}|{xs})$"),
+            write: format!("^({queues}|{xs})$"),
+            read,
+        },
+        Role::Subscriber => Perms {
+            configure: format!("^{queues}$"),
+            write: format!("^({queues}|{xs})$"),
+            read,
+        },
+        Role::Feeder | Role::Admin => Perms::all(),
+    }
+}
+
+/// The management tags of a role. Sources and subscribers only speak AMQP: none. The
+/// feeder runs the daemons, which read queue depths and connections for dashboards and
+/// checks: `monitoring` (read-only view of the whole broker, can change nothing through
+/// HTTP). Admins: `administrator` (SPEC §3).
+pub fn tags(role: Role) -> Vec<String> {
+    match role {
+        Role::Source | Role::Subscriber => vec![],
+        Role::Feeder => vec!["monitoring".into()],
+        Role::Admin => vec!["administrator".into()],
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredUser {
+    pub name: String,
+    pub role: Role,
+    /// Sorted.
+    pub tags: Vec<String>,
+    /// `None` when neither the environment nor `credentials.conf` gives one.
+    pub password: Option<Secret>,
+    /// How to give the password when it is missing (`set PW_RADAR`).
+    pub password_hint: String,
+    pub perms: Perms,
+}
+
+/// A queue-to-exchange binding.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Binding {
+    pub exchange: String,
+    pub queue: String,
+    pub key: String,
+}
+
+/// A durable queue with its `x-` arguments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredQueue {
+    pub name: String,
+    pub arguments: Vec<(String, Arg)>,
+}
+
+/// The whole target state of one vhost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    pub vhost: String,
+    pub cluster: String,
+    pub users: BTreeMap<String, DesiredUser>,
+    /// Durable topic exchanges.
+    pub exchanges: BTreeSet<String>,
+    /// Exchanges not declared here but never pruned either (`xforward_<neighbour>`,
+    /// which the shovel work of §4.8 will declare).
+    pub keep_exchanges: BTreeSet<String>,
+    pub queues: BTreeMap<String, DesiredQueue>,
+    pub bindings: BTreeSet<Binding>,
+    /// Never deleted by `--prune`: `guest`, the user running setup, the broker URL's user.
+    pub protected_users: BTreeSet<String>,
+    pub prune: bool,
+    // §4.8 (next issue): per neighbour, the `xforward_<cluster>` exchange, its durable
+    // queue and the dynamic shovel to the neighbour's report exchange go here, with a
+    // matching `Change` kind in `plan`.
+}
+
+/// Everything [`Desired::build`] reads.
+pub struct Inputs<'a> {
+    pub config: &'a Config,
+    pub import: Option<&'a Import>,
+    /// Environment lookup (`std::env::var` in the binary, a map in tests).
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+    pub vhost: String,
+    /// The user of the broker URL: the daemons' account when no feeder is declared.
+    pub broker_user: String,
+    /// The broker's host, to pick the right `credentials.conf` line.
+    pub broker_host: Option<String>,
+    /// The management API user running setup.
+    pub running_user: String,
+    pub prune: bool,
+}
+
+impl Desired {
+    pub fn build(inputs: &Inputs<'_>) -> Desired {
+        let config = effective_config(inputs.config, inputs.import);
+        let public = &config.exchanges.public;
+        let mut users = BTreeMap::new();
+        for u in config.users.values() {
+            let (password, password_hint) = password_of(u, inputs);
+            let mut tags = tags(u.role);
+            tags.sort();
+            users.insert(
+                u.name.clone(),
+                DesiredUser {
+                    name: u.name.clone(),
+                    role: u.role,
+                    tags,
+                    password,
+                    password_hint,
+                    perms: permissions(u.role, &u.name, public),
+                },
+            );
+        }
+
+        let mut exchanges: BTreeSet<String> = [
+            &config.exchanges.public,
+            &config.exchanges.report,
+            &config.exchanges.rejected,
+        ]
+        .into_iter()
+        .cloned()
+        .collect();
+        exchanges.extend(config.users.keys().map(|u| names::user_exchange(u)));
+        exchanges.extend(config.sources().map(|u| names::source_exchange(&u.name)));
+        let keep_exchanges = config
+            .neighbours
+            .keys()
+            .map(|n| names::forward_exchange(n))
+            .collect();
+
+        let feeder = names::feeder(&config, &inputs.broker_user);
+        let mut shapes = vec![
+            names::validate_queue(&config, &feeder),
+            names::dispatch_queue(&config, &feeder),
+            names::rejected_queue(&config, &feeder),
+        ];
+        shapes.extend(
+            config
+                .sources()
+                .filter(|u| u.retain > 0)
+                .map(|u| names::retained_queue(&config, &u.name, u.retain)),
+        );
+        let mut queues = BTreeMap::new();
+        let mut bindings = BTreeSet::new();
+        for QueueShape {
+            name,
+            arguments,
+            bindings: binds,
+        } in shapes
+        {
+            for (exchange, key) in binds {
+                bindings.insert(Binding {
+                    exchange,
+                    queue: name.clone(),
+                    key,
+                });
+            }
+            queues.insert(name.clone(), DesiredQueue { name, arguments });
+        }
+
+        let protected_users = ["guest", &inputs.running_user, &inputs.broker_user]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        Desired {
+            vhost: inputs.vhost.clone(),
+            cluster: config.cluster.clone(),
+            users,
+            exchanges,
+            keep_exchanges,
+            queues,
+            bindings,
+            protected_users,
+            prune: inputs.prune,
+        }
+    }
+}
+
+/// The configuration with the imported users added (the configuration wins on a user
+/// declared in both) and the imported cluster name unless the configuration sets one.
+fn effective_config(config: &Config, import: Option<&Import>) -> Config {
+    let mut config = config.clone();
+    let Some(import) = import else {
+        return config;
+    };
+    for (name, role) in &import.users {
+        config.users.entry(name.clone()).or_insert_with(|| User {
+            name: name.clone(),
+            role: *role,
+            password_env: None,
+            retain: 0,
+            interval: None,
+        });
+    }
+    // `localhost` is the configuration's built-in default: an imported name is better.
+    if config.cluster == "localhost"
+        && let Some(cluster) = &import.cluster
+    {
+        config.cluster = cluster.clone();
+    }
+    config
+}
+
+/// The password from `password_env`, else from `credentials.conf`; or how to give one.
+fn password_of(user: &User, inputs: &Inputs<'_>) -> (Option<Secret>, String) {
+    if let Some(var) = &user.password_env
+        && let Some(password) = (inputs.env)(var).filter(|p| !p.is_empty())
+    {
+        return (Some(Secret(password)), String::new());
+    }
+    if let Some(password) = inputs
+        .import
+        .and_then(|i| i.password_for(&user.name, inputs.broker_host.as_deref()))
+    {
+        return (Some(Secret(password.to_owned())), String::new());
+    }
+    let hint = match (&user.password_env, inputs.import.is_some()) {
+        (Some(var), false) => format!("set {var}"),
+        (Some(var), true) => format!("set {var} or add it to credentials.conf"),
+        (None, true) => "add it to credentials.conf".to_owned(),
+        (None, false) => format!("give users.{}.password_env", user.name),
+    };
+    (None, hint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn permission_patterns_are_anchored_and_escaped() {
+        let p = permissions(Role::Source, "radar", "xpublic");
+        assert_eq!(p.configure, r"^(q_radar\..*|xs_radar)$");
+        assert_eq!(p.write, r"^(q_radar\..*|xs_radar)$");
+        assert_eq!(p.read, r"^(q_radar\..*|xs_radar|xr_radar|xpublic)$");
+        let p = permissions(Role::Subscriber, "cfs", "xpublic");
+        assert_eq!(p.configure, r"^q_cfs\..*$");
+        assert_eq!(p.write, r"^(q_cfs\..*|xs_cfs)$");
+        assert_eq!(p.read, r"^(q_cfs\..*|xs_cfs|xr_cfs|xpublic)$");
+        for role in [Role::Feeder, Role::Admin] {
+            assert_eq!(permissions(role, "x", "xpublic"), Perms::all());
+        }
+        // Dots in names are literal; the exchange name is configurable.
+        let p = permissions(Role::Source, "a.b", "x.pub");
+        assert_eq!(p.read, r"^(q_a\.b\..*|xs_a\.b|xr_a\.b|x\.pub)$");
+    }
+
+    #[test]
+    fn patterns_do_not_match_longer_names() {
+        // RabbitMQ uses PCRE; for these patterns the regex crate agrees.
+        let p = permissions(Role::Source, "sat", "xpublic");
+        let write = regex::Regex::new(&p.write).unwrap();
+        let read = regex::Regex::new(&p.read).unwrap();
+        let configure = regex::Regex::new(&p.configure).unwrap();
+        for yes in ["xs_sat", "q_sat.a", "q_sat.route.x"] {
+            assert!(write.is_match(yes), "{yes}");
+        }
+        for no in [
+            "xs_satx", "q_satx.a", "q_sat", "xs_sat2", "xr_sat", "xreport", "q_satxa",
+        ] {
+            assert!(!write.is_match(no), "{no}");
+            assert!(!configure.is_match(no), "{no}");
+        }
+        assert!(read.is_match("xr_sat") && read.is_match("xpublic"));
+        assert!(!read.is_match("xr_satx") && !read.is_match("xreport"));
+    }
+
+    #[test]
+    fn escape_only_metacharacters() {
+        assert_eq!(escape("pw-1_a.b"), r"pw-1_a\.b");
+        assert_eq!(escape(r"a+b(c)|\"), r"a\+b\(c\)\|\\");
+    }
+
+    const CONFIG: &str = r#"
+        [users.radar]
+        role = "source"
+        password_env = "PW_RADAR"
+        retain = 1000
+        [users.sat]
+        role = "source"
+        [users.cfs]
+        role = "subscriber"
+        password_env = "PW_CFS"
+        [users.feed]
+        role = "feeder"
+        password_env = "PW_FEED"
+        [users.boss]
+        role = "admin"
+        password_env = "PW_BOSS"
+        [clusters.west]
+    "#;
+
+    fn inputs<'a>(
+        config: &'a Config,
+        import: Option<&'a Import>,
+        env: &'a dyn Fn(&str) -> Option<String>,
+    ) -> Inputs<'a> {
+        Inputs {
+            config,
+            import,
+            env,
+            vhost: "/".into(),
+            broker_user: "guest".into(),
+            broker_host: Some("pump".into()),
+            running_user: "root".into(),
+            prune: false,
+        }
+    }
+
+    #[test]
+    fn desired_state_from_the_config() {
+        let config = Config::parse(CONFIG, "t.toml").unwrap();
+        let vars: HashMap<&str, &str> =
+            [("PW_RADAR", "r"), ("PW_CFS", ""), ("PW_FEED", "f")].into();
+        let env = |v: &str| vars.get(v).map(|s| s.to_string());
+        let d = Desired::build(&inputs(&config, None, &env));
+
+        let exchanges: Vec<&str> = d.exchanges.iter().map(String::as_str).collect();
+        assert_eq!(
+            exchanges,
+            [
+                "xpublic",
+                "xr_radar",
+                "xr_sat",
+                "xrejected",
+                "xreport",
+                "xs_boss",
+                "xs_cfs",
+                "xs_feed",
+                "xs_radar",
+                "xs_sat"
+            ]
+        );
+        assert!(d.keep_exchanges.contains("xforward_west"));
+        let queues: Vec<&str> = d.queues.keys().map(String::as_str).collect();
+        assert_eq!(
+            queues,
+            [
+                "q_feed.route.dispatch",
+                "q_feed.route.rejected",
+                "q_feed.route.validate",
+                "q_radar.reports"
+            ]
+        );
+        assert_eq!(
+            d.queues["q_radar.reports"].arguments,
+            names::retained_queue(&config, "radar", 1000).arguments
+        );
+        assert!(d.bindings.contains(&Binding {
+            exchange: "xr_radar".into(),
+            queue: "q_radar.reports".into(),
+            key: "#".into()
+        }));
+        assert!(d.bindings.contains(&Binding {
+            exchange: "xs_sat".into(),
+            queue: "q_feed.route.validate".into(),
+            key: "#".into()
+        }));
+
+        assert_eq!(d.users["radar"].password, Some(Secret::new("r")));
+        assert_eq!(d.users["boss"].tags, ["administrator"]);
+        assert_eq!(d.users["feed"].tags, ["monitoring"]);
+        assert!(d.users["radar"].tags.is_empty());
+        // An empty variable counts as unset; the hint names the variable.
+        assert_eq!(d.users["cfs"].password, None);
+        assert_eq!(d.users["cfs"].password_hint, "set PW_CFS");
+        assert_eq!(d.users["sat"].password_hint, "give users.sat.password_env");
+        assert!(
+            !format!("{d:?}").contains("\"r\""),
+            "passwords hidden in Debug"
+        );
+        let protected: Vec<&str> = d.protected_users.iter().map(String::as_str).collect();
+        assert_eq!(protected, ["guest", "root"]);
+    }
+
+    #[test]
+    fn imported_users_merge_with_the_config_and_lose_conflicts() {
+        let config = Config::parse(CONFIG, "t.toml").unwrap();
+        let mut import = Import::default();
+        import.users.insert("radar".into(), Role::Subscriber); // config says source
+        import.users.insert("newsub".into(), Role::Subscriber);
+        import.users.insert("tfeed".into(), Role::Feeder);
+        import.cluster = Some("ddsr.cmc".into());
+        let mut text = String::new();
+        text.push_str("amqp://newsub:ns@pump/\namqp://sat:other@elsewhere/\n");
+        text.push_str("amqp://sat:s@pump/\namqp://radar:ignored@pump/\n");
+        super::super::sarracenia::parse_credentials(&text, "c", &mut import).unwrap();
+        let env = |v: &str| (v == "PW_RADAR").then(|| "from-env".to_owned());
+        let d = Desired::build(&inputs(&config, Some(&import), &env));
+        assert_eq!(d.users["radar"].role, Role::Source);
+        assert_eq!(d.users["radar"].password, Some(Secret::new("from-env")));
+        assert_eq!(d.users["newsub"].role, Role::Subscriber);
+        assert_eq!(d.users["newsub"].password, Some(Secret::new("ns")));
+        assert_eq!(
+            d.users["sat"].password,
+            Some(Secret::new("s")),
+            "host match"
+        );
+        assert_eq!(d.users["tfeed"].password_hint, "add it to credentials.conf");
+        assert_eq!(
+            d.users["cfs"].password_hint,
+            "set PW_CFS or add it to credentials.conf"
+        );
+        assert!(d.exchanges.contains("xs_newsub"));
+        assert_eq!(d.cluster, "ddsr.cmc");
+        // The first declared feeder (in name order) names the daemons' queues.
+        assert!(d.queues.contains_key("q_feed.route.validate"));
+    }
+}

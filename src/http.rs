@@ -1,0 +1,292 @@
+//! The one HTTP listener every pumpwatch daemon serves on (SPEC §4.6): `route`, `serve`,
+//! `watchdog` and `archive` all get the same defences and the same `/healthz` and
+//! `/metrics`.
+//!
+//! Why not `axum::serve`: it has no header deadline and no connection cap, so 20 000
+//! clients that never finish their headers filled the descriptor limit and starved
+//! `/healthz`. Here every connection is served by hyper with
+//! - a **header deadline** ([`Limits::header_timeout`]): a request's headers must arrive
+//!   within it, and an idle keep-alive connection is closed after it too (hyper starts the
+//!   timer whenever it waits for the next request head);
+//! - a **connection cap** ([`Limits::max_connections`]): at the cap, a new connection
+//!   pushes out the oldest one that is not serving a request (a slow or idle client), so a
+//!   flood of half-open connections can never lock a real client out; only when every
+//!   connection is busy is the new one refused;
+//! - a header size bound and graceful shutdown (in-flight responses finish, streams end).
+
+use crate::cmd::Error;
+use crate::shutdown::Shutdown;
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, Response, StatusCode, header};
+use axum::response::IntoResponse;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+/// The defences of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// A request's headers (and an idle connection's next request) must arrive within this.
+    pub header_timeout: Duration,
+    /// Open connections at most.
+    pub max_connections: usize,
+    /// Request head size at most.
+    pub max_header_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_timeout: Duration::from_secs(5),
+            max_connections: 512,
+            max_header_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// A bound listener, not yet serving: [`local_addr`](Self::local_addr) says where
+/// (port 0 picks a free one).
+pub struct Listener {
+    inner: TcpListener,
+    limits: Limits,
+}
+
+impl Listener {
+    /// Binds `addr`; failing to is a runtime error naming the address.
+    pub async fn bind(addr: SocketAddr, limits: Limits) -> Result<Listener, Error> {
+        let inner = TcpListener::bind(addr).await.map_err(|e| Error::Listen {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(Listener { inner, limits })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    /// Serves `app` until `shutdown`, then lets in-flight requests finish (at most
+    /// `grace`) and returns.
+    pub async fn serve(self, app: Router, shutdown: Shutdown, grace: Duration) {
+        let conns = Arc::new(Connections::default());
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            let (stream, _peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = self.inner.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors or a connection reset before accept: wait a
+                        // little rather than spin, keep serving.
+                        tracing::debug!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+            };
+            while tasks.try_join_next().is_some() {}
+            let Some(conn) = conns.admit(self.limits.max_connections) else {
+                drop(stream); // every connection is busy: refuse this one
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tasks.spawn(serve_connection(
+                stream,
+                app.clone(),
+                conn,
+                conns.clone(),
+                self.limits,
+                shutdown.clone(),
+            ));
+        }
+        let drain = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(grace, drain).await.is_err() {
+            tasks.abort_all();
+        }
+    }
+}
+
+/// One accepted connection as the cap sees it.
+struct Conn {
+    id: u64,
+    /// Requests being served on it (headers read, response body not yet finished).
+    busy: Arc<AtomicUsize>,
+    /// Cancelled to push it out.
+    evict: Shutdown,
+}
+
+#[derive(Default)]
+struct Connections {
+    /// In accept order, so the first idle one is the oldest.
+    open: Mutex<BTreeMap<u64, (Arc<AtomicUsize>, Shutdown)>>,
+    next: AtomicUsize,
+}
+
+impl Connections {
+    /// Registers a new connection, pushing out the oldest idle one at the cap; `None` when
+    /// every open connection is busy.
+    fn admit(&self, max: usize) -> Option<Conn> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.len() >= max.max(1) {
+            let oldest_idle = open
+                .iter()
+                .find(|(_, (busy, _))| busy.load(Ordering::Acquire) == 0)
+                .map(|(id, _)| *id)?;
+            if let Some((_, evict)) = open.remove(&oldest_idle) {
+                evict.cancel();
+            }
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed) as u64;
+        let busy = Arc::new(AtomicUsize::new(0));
+        let evict = Shutdown::new();
+        open.insert(id, (busy.clone(), evict.clone()));
+        Some(Conn { id, busy, evict })
+    }
+
+    fn close(&self, id: u64) {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    app: Router,
+    conn: Conn,
+    conns: Arc<Connections>,
+    limits: Limits,
+    shutdown: Shutdown,
+) {
+    let busy = conn.busy.clone();
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let guard = Busy::enter(&busy);
+        let app = app.clone();
+        async move {
+            let resp = app.oneshot(req.map(Body::new)).await;
+            // The guard lives until the body is finished (or dropped): a stream being
+            // written is not idle.
+            resp.map(|r| {
+                r.map(|b| {
+                    Body::new(Guarded {
+                        inner: b,
+                        _guard: guard,
+                    })
+                })
+            })
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    let served = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(served);
+    tokio::select! {
+        _ = served.as_mut() => {}
+        _ = conn.evict.cancelled() => {
+            served.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(limits.header_timeout, served.as_mut()).await;
+        }
+        _ = shutdown.cancelled() => {
+            served.as_mut().graceful_shutdown();
+            let _ = served.as_mut().await;
+        }
+    }
+    conns.close(conn.id);
+}
+
+/// Counts a request as being served while alive.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn enter(n: &Arc<AtomicUsize>) -> Busy {
+        n.fetch_add(1, Ordering::AcqRel);
+        Busy(n.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its connection marked busy until it is done.
+struct Guarded {
+    inner: Body,
+    _guard: Busy,
+}
+
+impl http_body::Body for Guarded {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// `/healthz`: 200 `ok` while `up()` says so, else 503 with `why_not`.
+pub fn healthz<F, S>(up: F, why_not: &'static str) -> axum::routing::MethodRouter<S>
+where
+    F: Fn() -> bool + Clone + Send + Sync + 'static,
+    S: Clone + Send + Sync + 'static,
+{
+    axum::routing::get(move || {
+        let ok = up();
+        async move {
+            if ok {
+                (StatusCode::OK, "ok\n").into_response()
+            } else {
+                (StatusCode::SERVICE_UNAVAILABLE, format!("{why_not}\n")).into_response()
+            }
+        }
+    })
+}
+
+/// The Prometheus text exposition of `registry`.
+pub fn exposition(registry: &Registry) -> Response<Body> {
+    let mut out = String::with_capacity(16 * 1024);
+    use prometheus_client::encoding::prometheus_text;
+    match prometheus_text::encode(&mut out, registry) {
+        Ok(()) => ([(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)], out).into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n").into_response(),
+    }
+}
+
+/// `/metrics` serving `registry`.
+pub fn metrics<S>(registry: Arc<Registry>) -> axum::routing::MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    axum::routing::get(move || {
+        let r = registry.clone();
+        async move { exposition(&r) }
+    })
+}
