@@ -209,6 +209,50 @@ impl Error {
     }
 }
 
+/// The tasks of a daemon, supervised: the first that fails, panics or is aborted cancels
+/// `shutdown` (so the others stop too) and is the daemon's error. A daemon never goes on
+/// with a dead task, and never exits 0 after one died.
+pub struct Tasks {
+    set: tokio::task::JoinSet<Result<(), Error>>,
+    shutdown: Shutdown,
+    name: &'static str,
+}
+
+impl Tasks {
+    pub fn new(name: &'static str, shutdown: &Shutdown) -> Tasks {
+        Tasks {
+            set: tokio::task::JoinSet::new(),
+            shutdown: shutdown.clone(),
+            name,
+        }
+    }
+
+    pub fn spawn<F>(&mut self, task: F)
+    where
+        F: std::future::Future<Output = Result<(), Error>> + Send + 'static,
+    {
+        self.set.spawn(task);
+    }
+
+    /// Waits for every task; the first error (or panic) cancels the rest.
+    pub async fn join(mut self) -> Result<(), Error> {
+        let mut result = Ok(());
+        while let Some(done) = self.set.join_next().await {
+            let failed = match done {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e,
+                Err(e) => Error::from_join(self.name, e),
+            };
+            tracing::error!("{}: {failed}", self.name);
+            self.shutdown.cancel();
+            if result.is_ok() {
+                result = Err(failed);
+            }
+        }
+        result
+    }
+}
+
 /// A regex flag value; the error is the last line of regex's explanation.
 pub fn parse_regex(s: &str) -> Result<Regex, String> {
     Regex::new(s).map_err(|e| {
@@ -233,4 +277,54 @@ pub fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
         .map_err(|e| format!("{s:?} is not a host:port address ({e})"))?
         .next()
         .ok_or_else(|| format!("{s:?} resolves to no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicked_task_stops_the_others_and_is_an_error() {
+        let stop = Shutdown::new();
+        let mut tasks = Tasks::new("test daemon", &stop);
+        let s = stop.clone();
+        tasks.spawn(async move {
+            s.cancelled().await;
+            Ok(())
+        });
+        tasks.spawn(async { panic!("boom") });
+        let e = tasks.join().await.unwrap_err();
+        assert!(stop.is_cancelled());
+        assert_eq!(e.exit_code(), 1);
+        assert_eq!(
+            e.to_string(),
+            "test daemon stopped unexpectedly: it panicked"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_task_is_the_error_and_clean_ends_are_ok() {
+        let stop = Shutdown::new();
+        let mut tasks = Tasks::new("d", &stop);
+        tasks.spawn(async { Ok(()) });
+        assert!(tasks.join().await.is_ok());
+        let mut tasks = Tasks::new("d", &stop);
+        tasks.spawn(async { Err(Error::Failed("lost".into())) });
+        assert_eq!(tasks.join().await.unwrap_err().to_string(), "lost");
+    }
+
+    #[test]
+    fn exit_codes_are_decided_once() {
+        assert_eq!(Error::Usage(UsageError::new("x")).exit_code(), 2);
+        for e in [
+            Error::Failed("x".into()),
+            Error::Listen {
+                addr: "a".into(),
+                reason: "b".into(),
+            },
+            Error::Broker(AmqpError::Nacked),
+        ] {
+            assert_eq!(e.exit_code(), 1, "{e}");
+        }
+    }
 }

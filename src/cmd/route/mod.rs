@@ -187,7 +187,7 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), Error> {
     }
     tracing::info!(broker = %cfg.broker, stage = ?cfg.stage, "route started");
     let p = &cfg.pump;
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tasks = super::Tasks::new("route", &shutdown);
     if cfg.stage != Stage::Dispatch {
         let v = Validator {
             attributor: p.attributor(),
@@ -200,7 +200,7 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), Error> {
         let stage = StageRunner::new(&cfg, &client, &counters, &shutdown, StageName::Validate);
         let queue = names::validate_queue(p, &cfg.feeder).name;
         let consumer = client.consume(&queue, cfg.prefetch).await?;
-        tasks.spawn(stage.run(consumer, Decider::Validate(Box::new(v))));
+        tasks.spawn(async move { Ok(stage.run(consumer, Decider::Validate(Box::new(v))).await?) });
     }
     if cfg.stage != Stage::Validate {
         let d = Dispatcher {
@@ -224,37 +224,25 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), Error> {
         let stage = StageRunner::new(&cfg, &client, &counters, &shutdown, StageName::Dispatch);
         let queue = names::dispatch_queue(p, &cfg.feeder).name;
         let consumer = client.consume(&queue, cfg.prefetch).await?;
-        tasks.spawn(stage.run(consumer, Decider::Dispatch(Box::new(d))));
+        tasks.spawn(async move { Ok(stage.run(consumer, Decider::Dispatch(Box::new(d))).await?) });
     }
     if let Some(addr) = cfg.listen {
         let local =
             serve_metrics(addr, counters.clone(), clients.clone(), shutdown.clone()).await?;
         tracing::info!("route metrics on http://{local}/metrics");
     }
-    let mut log_tick = tokio::time::interval(cfg.log_every);
-    log_tick.tick().await;
-    let mut result = Ok(());
-    loop {
-        tokio::select! {
-            _ = log_tick.tick() => tracing::info!("route: {}", counters.summary()),
-            done = tasks.join_next() => match done {
-                Some(Ok(Ok(()))) => {}
-                Some(Ok(Err(e))) => {
-                    if result.is_ok() {
-                        result = Err(e.into());
-                    }
-                    shutdown.cancel();
-                }
-                Some(Err(e)) => {
-                    if result.is_ok() {
-                        result = Err(Error::from_join("a route stage", e));
-                    }
-                    shutdown.cancel();
-                }
-                None => break,
-            },
+    let (log_counters, log_every, log_stop) = (counters.clone(), cfg.log_every, shutdown.clone());
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(log_every);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = log_stop.cancelled() => return Ok(()),
+                _ = tick.tick() => tracing::info!("route: {}", log_counters.summary()),
+            }
         }
-    }
+    });
+    let result = tasks.join().await;
     tracing::info!("route stopped: {}", counters.summary());
     // All at once: closing one after the other took 5 s each, past SPEC's 5 s in all.
     futures_util::future::join_all(clients.iter().map(|c| c.close())).await;

@@ -384,13 +384,16 @@ pub async fn run_counting(cfg: Config, shutdown: Shutdown) -> Result<Summary, Er
     }
     summary.failed = publisher.failed;
     drop(publisher);
+    let mut result = result;
     match tokio::time::timeout_at(deadline, settler).await {
         Ok(Ok((ok, unheard, failed))) => {
             summary.published = ok;
             summary.unheard = unheard;
             summary.failed += failed;
         }
-        Ok(Err(e)) => tracing::warn!("speedo confirm task failed: {e}"),
+        Ok(Err(e)) => {
+            result = result.and(Err(Error::from_join("speedo's confirm task", e)));
+        }
         Err(_) => tracing::warn!("the last speedos were not all confirmed in time"),
     }
     let _ = tokio::time::timeout(Duration::from_millis(1500), client.close()).await;
