@@ -2,11 +2,14 @@
 //! or reads the clock, so every rule can be tested (and fuzzed) from bytes alone.
 
 pub mod attribution;
+pub mod baseline;
 pub mod code;
 pub mod emit;
 pub mod filter;
 pub mod headers;
 pub mod health;
+pub mod lag;
+pub mod nagios;
 pub mod report;
 pub mod stamp;
 pub mod topic;
