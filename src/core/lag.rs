@@ -12,6 +12,10 @@
 //! - a completion more than `max_skew_s` after `route` saw the report;
 //! - a lag above `max_lag_s` (30 days): year-0 and other absurd `pubTime`s.
 //!
+//! Per report: `lag_of(..)` then [`LagRules::accept`] once (≈ 30 ns: it works out the
+//! histogram bucket), then [`LagMeter::tally`] in each meter the report counts in (≈ 10 ns
+//! when the meter is in cache). At the end of the interval, [`LagMeter::take`].
+//!
 //! Memory per meter is bounded whatever the rate: the quantiles come from a log-bucket
 //! histogram (the DDSketch mapping) with a **relative error of at most 1 %** on p50 and
 //! p95 for lags above 1 ms (below 1 ms, an absolute error under 1 ms); max is exact.
@@ -96,6 +100,16 @@ impl LagRules {
         }
     }
 
+    /// The lag to count, with its histogram bucket worked out once: a report counts in
+    /// several meters (client, source, pair, totals), each then only adds.
+    pub fn accept(&self, lag_s: f64) -> Result<Lag, LagReject> {
+        let secs = self.check(lag_s)?;
+        Ok(Lag {
+            secs,
+            bucket: bucket(secs) as u16,
+        })
+    }
+
     /// The lag of one report seen (by `route`) at `seen_at`.
     pub fn lag_of(&self, r: &Report, seen_at: Timestamp) -> Result<f64, LagReject> {
         let published = r.pub_time.ok_or(LagReject::NoPubTime)?;
@@ -151,6 +165,19 @@ fn representative(i: usize) -> f64 {
         0.0
     } else {
         SMALLEST_S * 2.0 * GAMMA.powi(i as i32) / (GAMMA + 1.0)
+    }
+}
+
+/// A lag the rules accepted (see [`LagRules::accept`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Lag {
+    secs: f64,
+    bucket: u16,
+}
+
+impl Lag {
+    pub fn secs(&self) -> f64 {
+        self.secs
     }
 }
 
@@ -287,29 +314,25 @@ impl LagMeter {
         }
     }
 
-    /// Counts one lag in seconds, or counts its refusal.
+    /// Counts one lag in seconds under this meter's rules, or counts its refusal.
     pub fn record(&mut self, lag_s: f64) -> Result<(), LagReject> {
-        match self.rules.check(lag_s) {
-            Ok(x) => {
-                self.hist.add(bucket(x));
-                self.count += 1;
-                self.min = self.min.min(x);
-                self.max = self.max.max(x);
-                Ok(())
-            }
-            Err(why) => {
-                self.reject(why);
-                Err(why)
-            }
-        }
+        let lag = self.rules.accept(lag_s);
+        self.tally(lag);
+        lag.map(|_| ())
     }
 
-    /// Counts what [`lag_of`] said: the lag, or the refusal.
-    pub fn add(&mut self, lag: Result<f64, LagReject>) {
+    /// Counts an accepted lag.
+    pub fn add(&mut self, lag: Lag) {
+        self.hist.add(usize::from(lag.bucket));
+        self.count += 1;
+        self.min = self.min.min(lag.secs);
+        self.max = self.max.max(lag.secs);
+    }
+
+    /// Counts a lag or its refusal, e.g. `lag_of(..).and_then(|x| rules.accept(x))`.
+    pub fn tally(&mut self, lag: Result<Lag, LagReject>) {
         match lag {
-            Ok(x) => {
-                let _ = self.record(x);
-            }
+            Ok(l) => self.add(l),
             Err(why) => self.reject(why),
         }
     }
@@ -346,7 +369,9 @@ impl LagMeter {
             max: self.max,
             count: self.count,
         };
-        self.hist.counts.clear();
+        // Zeroed, not emptied: the next interval's lags span about the same buckets, and
+        // growing the span again (a shift when a smaller lag comes) costs more than this.
+        self.hist.counts.fill(0);
         self.count = 0;
         self.min = f64::INFINITY;
         self.max = 0.0;
@@ -510,8 +535,10 @@ mod tests {
             assert_eq!(lag_of(&report(p, c), seen), want, "{p:?} {c:?}");
         }
         let mut m = LagMeter::default();
-        m.add(lag_of(&report(None, None), seen));
-        m.add(lag_of(&report(Some("20240101T130000"), None), seen));
+        let rules = LagRules::DEFAULT;
+        for r in [report(None, None), report(Some("20240101T130000"), None)] {
+            m.tally(lag_of(&r, seen).and_then(|x| rules.accept(x)));
+        }
         assert_eq!((m.count(), m.rejected().get(LagReject::NoPubTime)), (1, 1));
     }
 
