@@ -7,7 +7,7 @@
 //! them): the output builders make sure no value can add a line, start perfdata early
 //! (`|`) or move a terminal's cursor.
 
-use crate::core::health::State;
+use super::health::State;
 use std::fmt::{self, Write as _};
 use std::str::FromStr;
 
