@@ -12,6 +12,7 @@ pub mod lag;
 pub mod nagios;
 pub mod report;
 pub mod stamp;
+pub mod text;
 pub mod topic;
 
 pub use code::{CodeClass, CodeRange};

@@ -15,6 +15,7 @@ use crate::core::attribution::Attributor;
 use crate::core::code::CodeRange;
 use crate::core::filter::Filter;
 use crate::core::report::{self, Message};
+use crate::core::text;
 use crate::shutdown::Shutdown;
 pub use output::{Output, json_line, raw_line, text_line};
 use regex::Regex;
@@ -274,7 +275,11 @@ pub async fn stream(
                     _ => stats.malformed += 1,
                 }
                 if let Err(e) = &other {
-                    tracing::debug!(topic = inc.routing_key, "skipping malformed message: {e}");
+                    tracing::debug!(
+                        topic = %text::escape(inc.routing_key),
+                        "skipping malformed message: {}",
+                        text::escape(&e.to_string())
+                    );
                 }
                 // Raw mode shows what arrives, reports or not, unless a field filter is set.
                 (cfg.output == Output::Raw

@@ -25,6 +25,7 @@ use crate::broker::names;
 use crate::broker::url::BrokerUrl;
 use crate::cmd::speedo;
 use crate::config::{Config as PumpConfig, Role};
+use crate::core::text;
 use crate::http::{Limits, Listener};
 use crate::shutdown::Shutdown;
 use jiff::Timestamp;
@@ -236,7 +237,11 @@ impl Server {
                             Ok(s) => b.apply(s, Timestamp::now()),
                             Err(e) => {
                                 b.intake.malformed += 1;
-                                tracing::debug!(topic = %d.routing_key, "not a speedo: {e}");
+                                tracing::debug!(
+                                    topic = %text::escape(&d.routing_key),
+                                    "not a speedo: {}",
+                                    text::escape(&e.to_string())
+                                );
                             }
                         }
                     }

@@ -191,19 +191,19 @@ pub async fn apply(cfg: &Config, out: &mut dyn Write) -> Result<Summary, SetupEr
     for change in &changes {
         if change.is_problem() {
             problems += 1;
-            writeln!(out, "{change}")?;
+            writeln!(out, "{}", shown(change))?;
             continue;
         }
         if cfg.dry_run {
-            writeln!(out, "would {change}")?;
+            writeln!(out, "would {}", shown(change))?;
         } else {
             broker::apply(mgmt, &vhost, change)
                 .await
                 .map_err(|source| SetupError::Apply {
-                    change: change.to_string(),
+                    change: shown(change),
                     source,
                 })?;
-            writeln!(out, "{change}")?;
+            writeln!(out, "{}", shown(change))?;
         }
         applied += 1;
     }
@@ -217,6 +217,12 @@ pub async fn apply(cfg: &Config, out: &mut dyn Write) -> Result<Summary, SetupEr
         changes: applied,
         dry_run: cfg.dry_run,
     })
+}
+
+/// A change's line. Names of objects found on the broker (queues a user declared) are
+/// anybody's text: escaped, so a line stays one line and cannot drive the terminal.
+fn shown(change: &Change) -> String {
+    crate::core::text::escape(&change.to_string()).into_owned()
 }
 
 /// `setup: 12 changes`, `setup: would make 3 changes`, `setup: no change (...)`.

@@ -30,6 +30,7 @@ use crate::broker::url::BrokerUrl;
 use crate::config::{Config as PumpConfig, Role};
 use crate::core::attribution::Attributor;
 use crate::core::report::{self, Message, Report};
+use crate::core::text;
 use crate::shutdown::Shutdown;
 use jiff::{SignedDuration, Timestamp};
 use std::collections::HashSet;
@@ -362,7 +363,11 @@ pub async fn run_counting(cfg: Config, shutdown: Shutdown) -> Result<Summary, Er
                     Ok(Message::Announcement(_)) => summary.announcements += 1,
                     Err(e) => {
                         summary.malformed += 1;
-                        tracing::debug!(topic = inc.routing_key, "not counted, malformed: {e}");
+                        tracing::debug!(
+                            topic = %text::escape(inc.routing_key),
+                            "not counted, malformed: {}",
+                            text::escape(&e.to_string())
+                        );
                     }
                 }
                 if let Err(e) = delivery.ack().await {
