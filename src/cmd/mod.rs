@@ -270,6 +270,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     crate::config::parse_duration(s)
 }
 
+/// An exchange or queue name given on the command line: 1 to 255 bytes (an AMQP short
+/// string), so a name the protocol cannot carry is a usage error (exit 2), not a failure
+/// half-way through connecting.
+pub fn check_object_name(flag: &str, name: &str) -> Result<(), UsageError> {
+    let max = crate::broker::amqp::MAX_SHORT;
+    if name.is_empty() || name.len() > max {
+        return Err(UsageError(format!(
+            "invalid {flag}: the name is {} bytes, AMQP allows 1 to {max}",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
 /// A `--listen` address: checked here so a typo is a usage error, not a runtime one.
 pub fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
     use std::net::ToSocketAddrs;
@@ -311,6 +325,18 @@ mod tests {
         let mut tasks = Tasks::new("d", &stop);
         tasks.spawn(async { Err(Error::Failed("lost".into())) });
         assert_eq!(tasks.join().await.unwrap_err().to_string(), "lost");
+    }
+
+    #[test]
+    fn object_names_fit_a_short_string() {
+        assert!(check_object_name("--exchange", "xreport").is_ok());
+        assert!(check_object_name("--exchange", &"€".repeat(85)).is_ok());
+        for bad in [String::new(), "€".repeat(100), "x".repeat(256)] {
+            let e = check_object_name("--exchange", &bad)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("invalid --exchange: the name is"), "{e}");
+        }
     }
 
     #[test]

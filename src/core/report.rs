@@ -275,7 +275,8 @@ fn file_name(rel_path: &str) -> &str {
     t.rsplit('/').next().unwrap_or(t)
 }
 
-/// Size of the product (method `1`) or of this part (`p`/`i`) from a v02 `parts` header.
+/// Size of the product (method `1`) or of this part (`p`/`i`, see [`part_size`]) from a
+/// v02 `parts` header.
 pub fn size_from_parts(parts: &str) -> Result<u64, ParseError> {
     let bad = || invalid("parts", parts);
     let mut it = parts.split(',');
@@ -292,11 +293,7 @@ pub fn size_from_parts(parts: &str) -> Result<u64, ParseError> {
         "1" => Ok(blocksize),
         "p" | "i" => {
             let (count, remainder, blockno) = (num()?, num()?, num()?);
-            if count > 0 && blockno + 1 == count && remainder > 0 {
-                Ok(remainder)
-            } else {
-                Ok(blocksize)
-            }
+            Ok(part_size(blocksize, count, remainder, blockno))
         }
         _ => Err(bad()),
     }
@@ -521,11 +518,18 @@ fn v01_size(f: &[&str]) -> Result<u64, ParseError> {
         n(3, "remainder")?,
         n(4, "blockno")?,
     );
-    Ok(if count > 1 && no + 1 == count && rem > 0 {
-        rem
+    Ok(part_size(bs, count, rem, no))
+}
+
+/// The bytes one part carries (SPEC §2 "Size"): the remainder for the last block when the
+/// remainder is not 0, else the block size. The one rule for v01 bodies and v02 `parts`
+/// (`p`/`i`): a file smaller than one block is one block whose remainder is its size.
+pub fn part_size(blocksize: u64, count: u64, remainder: u64, blockno: u64) -> u64 {
+    if remainder > 0 && count.checked_sub(1) == Some(blockno) {
+        remainder
     } else {
-        bs
-    })
+        blocksize
+    }
 }
 
 /// v01 `relpath` is the destination directory when it ends in `/`; the file name then

@@ -258,6 +258,50 @@ fn sizes_from_parts() {
     assert!(size_from_parts("1,-4").is_err());
 }
 
+/// SPEC §2 "Size": one rule for v01 bodies and v02 `parts`; the table runs through both.
+#[test]
+fn one_size_rule_for_v01_and_v02() {
+    let max = u64::MAX;
+    // (blocksize, count, remainder, blockno) -> bytes of this part
+    let table = [
+        ((100, 3, 17, 2), 17),  // last block, remainder: the remainder
+        ((100, 3, 17, 1), 100), // not the last block
+        ((100, 3, 0, 2), 100),  // last block, no remainder: a whole block
+        ((100, 1, 17, 0), 17),  // a file smaller than one block
+        ((457, 1, 0, 0), 457),  // one whole block
+        ((100, 0, 17, 0), 100), // no blocks stated: nothing says which is last
+        ((100, 2, 5, 7), 100),  // block number past the count
+        ((100, max, 9, max - 1), 9),
+        ((100, 1, 9, max), 100), // no overflow on blockno + 1
+        ((0, 0, 0, 0), 0),
+    ];
+    for ((bs, count, rem, no), want) in table {
+        assert_eq!(
+            part_size(bs, count, rem, no),
+            want,
+            "{bs},{count},{rem},{no}"
+        );
+        for m in ["p", "i"] {
+            let parts = format!("{m},{bs},{count},{rem},{no}");
+            assert_eq!(size_from_parts(&parts).unwrap(), want, "{parts}");
+            let h = hdrs(&[("parts", &parts)]);
+            let body = b"20240101130241.5 http://h 20240101/radar/f 201 host user 0.1";
+            let r = report(parse(&inc("v02.report.x", body, None, &h)));
+            assert_eq!(r.size_bytes, Some(want), "v02 {parts}");
+        }
+        let v01 = format!(
+            "20150601135701.345 {bs} {count} {rem} {no} d 0f3c exp13 sftp://u@h/d/f.gif 20150601/ec_cmc/f.gif 201 host user 0.1"
+        );
+        let r = report(parse(&inc(
+            "v01.log.x",
+            v01.as_bytes(),
+            None,
+            &Headers::new(),
+        )));
+        assert_eq!(r.size_bytes, Some(want), "v01 {v01}");
+    }
+}
+
 // ---- properties ----
 
 fn opt_word() -> impl Strategy<Value = Option<String>> {

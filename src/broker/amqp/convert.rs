@@ -37,7 +37,7 @@ pub fn short_name(text: &str, what: &str) -> Result<ShortString, AmqpError> {
         AmqpError::Invalid(format!(
             "{what} name is {} bytes, AMQP allows {MAX_SHORT}: '{}...'",
             text.len(),
-            truncate_short(&text[..text.len().min(40)])
+            crate::core::text::escape(crate::core::topic::truncated(text, 40))
         ))
     })
 }
@@ -291,6 +291,15 @@ mod tests {
         let (k, _) = t.inner().iter().next().unwrap();
         assert!(k.as_str().len() <= MAX_SHORT);
         assert!(short_name(&"q".repeat(256), "queue").is_err());
+        // Cut for the message on a character boundary, never inside a character.
+        for name in [
+            "€".repeat(100),
+            format!("a{}", "€".repeat(100)),
+            "é\n".repeat(200),
+        ] {
+            let e = short_name(&name, "exchange").unwrap_err().to_string();
+            assert!(e.contains("exchange name is") && !e.contains('\n'), "{e}");
+        }
         assert_eq!(short_lossy(&"k".repeat(300)).as_str().len(), 255);
         let props = MessageProps {
             message_id: Some("m".repeat(999)),

@@ -115,6 +115,9 @@ impl Config {
         {
             return Err(UsageError::new("invalid --queue: 1 to 200 characters"));
         }
+        if let Some(x) = &a.exchange {
+            super::check_object_name("--exchange", x)?;
+        }
         Ok(Config {
             broker: common.broker.clone(),
             exchange: a.exchange,

@@ -104,6 +104,9 @@ impl Config {
             stamped_source: None,
             extra: Headers::new(),
         };
+        if let Some(x) = &a.exchange {
+            super::check_object_name("--exchange", x)?;
+        }
         Ok(Config {
             broker: common.broker.clone(),
             exchange: a.exchange.unwrap_or_else(|| names::user_exchange(user)),

@@ -142,6 +142,9 @@ impl Config {
                 .as_deref()
                 .is_some_and(|x| names::exchange_owner(x).is_none())
         });
+        if let Some(x) = &a.exchange {
+            super::check_object_name("--exchange", x)?;
+        }
         plan.exchange = a.exchange;
         Ok(Config {
             broker: common.broker.clone(),
