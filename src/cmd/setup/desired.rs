@@ -355,6 +355,42 @@ mod tests {
         assert!(!read.is_match("xr_satx") && !read.is_match("xreport"));
     }
 
+    proptest::proptest! {
+        /// The name rule is what makes anchored patterns safe: for any two different
+        /// valid names, one's permissions reach none of the other's objects.
+        #[test]
+        fn one_valid_name_never_reaches_another(
+            a in "[A-Za-z0-9_-]{1,12}",
+            b in "[A-Za-z0-9_.-]{1,12}",
+            rest in "[A-Za-z0-9_.-]{0,12}",
+        ) {
+            proptest::prop_assume!(a != b);
+            proptest::prop_assert!(crate::config::is_valid_name(&a));
+            proptest::prop_assert_eq!(crate::config::is_valid_name(&b), !b.contains('.'));
+            if crate::config::is_valid_name(&b) {
+                for role in [Role::Source, Role::Subscriber] {
+                    let p = permissions(role, &a, "xpublic");
+                    for pattern in [&p.configure, &p.write, &p.read] {
+                        let re = regex::Regex::new(pattern).unwrap();
+                        for object in [
+                            format!("q_{b}.{rest}"),
+                            format!("xs_{b}"),
+                            format!("xr_{b}"),
+                        ] {
+                            proptest::prop_assert!(!re.is_match(&object), "{} matches {}", pattern, object);
+                        }
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn the_name_rule(name in "\\PC{0,70}") {
+            let re = regex::Regex::new("^[A-Za-z0-9_-]{1,64}$").unwrap();
+            proptest::prop_assert_eq!(crate::config::is_valid_name(&name), re.is_match(&name));
+        }
+    }
+
     #[test]
     fn escape_only_metacharacters() {
         assert_eq!(escape("pw-1_a.b"), r"pw-1_a\.b");

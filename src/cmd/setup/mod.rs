@@ -104,6 +104,7 @@ impl Config {
             ),
             None => None,
         };
+        check_names(&common.file, import.as_ref(), common.broker.user())?;
         let mgmt = MgmtClient::from_urls(&common.admin_url, &common.broker)
             .map_err(|e| UsageError(format!("setup: {e}")))?;
         Ok(Config {
@@ -118,6 +119,54 @@ impl Config {
             env,
         })
     }
+}
+
+/// Every name `setup` would put into queue names and permission patterns is
+/// `[A-Za-z0-9_-]{1,64}` (SPEC §2 "Names"): with a dot, user `sat`'s anchored pattern
+/// `^q_sat\..*` would match `q_sat.x.reports`, the retained queue of user `sat.x`. The
+/// configuration file and the Sarracenia import refuse such names when read; this is the
+/// last check before the broker is touched (a configuration built in code, and the broker
+/// user, which names the daemons' queues when no feeder is declared).
+fn check_names(
+    file: &FileConfig,
+    import: Option<&Import>,
+    broker_user: &str,
+) -> Result<(), UsageError> {
+    use crate::config::{NAME_RULE, Role, is_valid_cluster_name, is_valid_name};
+    for (key, u) in &file.users {
+        if !is_valid_name(key) || u.name != *key {
+            return Err(UsageError(format!(
+                "setup: config {}: users.{key:?}: {NAME_RULE}",
+                file.origin
+            )));
+        }
+    }
+    if let Some(import) = import {
+        if let Some(bad) = import.users.keys().find(|n| !is_valid_name(n)) {
+            return Err(UsageError(format!(
+                "setup: --from-sarracenia: user {bad:?}: {NAME_RULE}"
+            )));
+        }
+        if let Some(c) = import
+            .cluster
+            .as_deref()
+            .filter(|c| !is_valid_cluster_name(c))
+        {
+            return Err(UsageError(format!(
+                "setup: --from-sarracenia: cluster {c:?}: {}",
+                crate::config::CLUSTER_RULE
+            )));
+        }
+    }
+    let feeder_declared = file.users.values().any(|u| u.role == Role::Feeder)
+        || import.is_some_and(|i| i.users.values().any(|r| *r == Role::Feeder));
+    if !feeder_declared && !is_valid_name(broker_user) {
+        return Err(UsageError(format!(
+            "setup: the broker user {broker_user:?} would name the daemons' queues (no \
+             feeder is declared): {NAME_RULE}"
+        )));
+    }
+    Ok(())
 }
 
 /// Why `setup` failed. One line; never a password.
@@ -289,5 +338,50 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("--vhost"), "{e}");
+    }
+
+    #[test]
+    fn dotted_names_never_reach_the_broker() {
+        // From admin.conf: a usage error naming the file and line.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("admin.conf"),
+            "declare source sat\ndeclare source sat.x\n",
+        )
+        .unwrap();
+        let common = Common::with_broker(FileConfig::default(), &BrokerUrl::default());
+        let args = Args {
+            from_sarracenia: Some(dir.path().to_owned()),
+            ..Args::default()
+        };
+        let e = Config::from_args(args, &common).unwrap_err().to_string();
+        assert!(
+            e.contains("admin.conf:2:") && e.contains("\"sat.x\""),
+            "{e}"
+        );
+
+        // From a configuration built in code (the file refuses it when read).
+        let mut file = FileConfig::parse("[users.sat]\nrole = \"source\"\n", "t.toml").unwrap();
+        let mut u = file.users["sat"].clone();
+        u.name = "sat.x".into();
+        file.users.insert("sat.x".into(), u);
+        let common = Common::with_broker(file, &BrokerUrl::default());
+        let e = Config::from_args(Args::default(), &common)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("users.\"sat.x\"") && e.contains("no dots"),
+            "{e}"
+        );
+
+        // The broker user names the daemons' queues when no feeder is declared.
+        let url = BrokerUrl::parse("amqp://pump.admin:pw@h/").unwrap();
+        let common = Common::with_broker(FileConfig::default(), &url);
+        let e = Config::from_args(Args::default(), &common)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"pump.admin\"") && e.contains("feeder"), "{e}");
+        let file = FileConfig::parse("[users.feed]\nrole = \"feeder\"\n", "t.toml").unwrap();
+        assert!(Config::from_args(Args::default(), &Common::with_broker(file, &url)).is_ok());
     }
 }

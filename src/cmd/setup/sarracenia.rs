@@ -11,7 +11,13 @@
 //!   are Sarracenia's business and are ignored.
 //! - `credentials.conf`: one URL per line, `amqp[s]://user:password@host[:port]/`,
 //!   optionally followed by options; user and password are percent-decoded. Lines of
-//!   other schemes (sftp, https...) are ignored.
+//!   other schemes (sftp, https...) are ignored, and so are passwords of user names
+//!   pumpwatch can never declare (a credential declares nothing; it only gives the
+//!   password of a user declared in `admin.conf` or the configuration).
+//!
+//! Names (SPEC §2): a declared user is `[A-Za-z0-9_-]{1,64}`, like the configuration's
+//! (a dot would let `sat`'s permissions match `q_sat.x.*`); a cluster name may also hold
+//! dots. Any other name is an error naming the file and the line.
 //!
 //! `#` starts a comment line; blank lines are skipped; a malformed line is an error that
 //! names the file and the line (and never repeats a password).
@@ -22,7 +28,7 @@ use std::path::Path;
 
 use percent_encoding::percent_decode_str;
 
-use crate::config::Role;
+use crate::config::{NAME_RULE, Role};
 
 /// Why an import failed. Never contains a password.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -74,13 +80,10 @@ impl Import {
     }
 }
 
-/// The account names pumpwatch accepts, the same rule as the configuration's.
+/// The account names pumpwatch accepts: the configuration's rule
+/// ([`crate::config::is_valid_name`], no dots).
 pub fn valid_user_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+    crate::config::is_valid_name(name)
 }
 
 type Parser = fn(&str, &str, &mut Import) -> Result<(), ImportError>;
@@ -150,9 +153,7 @@ pub fn parse_admin(text: &str, file: &str, import: &mut Import) -> Result<(), Im
                     return Err(err(format!("expected: declare {} NAME", role.name())));
                 };
                 if !valid_user_name(name) {
-                    return Err(err(format!(
-                        "invalid {kind} name {name:?}: 1-64 of [A-Za-z0-9_.-]"
-                    )));
+                    return Err(err(format!("invalid {kind} name {name:?}: {NAME_RULE}")));
                 }
                 import.users.insert(name.to_owned(), role);
             }
@@ -163,7 +164,7 @@ pub fn parse_admin(text: &str, file: &str, import: &mut Import) -> Result<(), Im
                 let parsed = parse_url(url).map_err(|r| err(format!("{directive}: {r}")))?;
                 if !valid_user_name(&parsed.user) {
                     return Err(err(format!(
-                        "{directive}: invalid user name {:?}: 1-64 of [A-Za-z0-9_.-]",
+                        "{directive}: invalid user name {:?}: {NAME_RULE}",
                         parsed.user
                     )));
                 }
@@ -180,6 +181,12 @@ pub fn parse_admin(text: &str, file: &str, import: &mut Import) -> Result<(), Im
                 let [_, name] = words[..] else {
                     return Err(err("expected: cluster NAME".to_owned()));
                 };
+                if !crate::config::is_valid_cluster_name(name) {
+                    return Err(err(format!(
+                        "invalid cluster name {name:?}: {}",
+                        crate::config::CLUSTER_RULE
+                    )));
+                }
                 import.cluster = Some(name.to_owned());
             }
             _ => {} // Sarracenia's other options
@@ -212,6 +219,12 @@ pub fn parse_credentials(text: &str, file: &str, import: &mut Import) -> Result<
 }
 
 fn add_credential(import: &mut Import, url: ParsedUrl) {
+    // A password for a name pumpwatch can never declare (`first.last` on some other
+    // broker sr3 also talks to) is of no use, and refusing the whole file for it would
+    // make operators edit sr3's own configuration: it is left out.
+    if !valid_user_name(&url.user) {
+        return;
+    }
     if let Some(password) = url.password {
         import
             .credentials
@@ -334,6 +347,24 @@ mod tests {
             ("\ndeclare source", 2, "declare source NAME"),
             ("# c\ndeclare subscriber a b", 2, "declare subscriber NAME"),
             ("declare source bad/name", 1, "invalid source name"),
+            ("declare source sat.x", 1, "invalid source name \"sat.x\""),
+            ("declare subscriber a*b", 1, "no dots"),
+            ("declare subscriber a#b", 1, "invalid subscriber name"),
+            ("declare source sat|x", 1, "invalid source name"),
+            ("declare source sat:x", 1, "invalid source name"),
+            ("declare source été", 1, "invalid source name"),
+            (
+                "feeder amqp://pump.feed@h/",
+                1,
+                "feeder: invalid user name \"pump.feed\"",
+            ),
+            (
+                "admin amqp://a%2Eb@h/",
+                1,
+                "admin: invalid user name \"a.b\"",
+            ),
+            ("cluster a/b", 1, "invalid cluster name"),
+            ("cluster .x", 1, "invalid cluster name"),
             ("feeder", 1, "feeder amqp://USER@host/"),
             ("admin amqp://localhost/", 1, "names no user"),
             ("feeder not-a-url", 1, "not a URL"),
@@ -376,6 +407,9 @@ mod tests {
         assert_eq!(import.password_for("cfs", Some("::1")), Some("a#b?c"));
         assert_eq!(import.password_for("nopass", None), None);
         assert!(import.users.is_empty(), "credentials declare no roles");
+        // A password for a name that can never be declared is left out, not an error.
+        let import = creds("amqp://first.last:pw@other.example/\namqp://ok:pw@h/\n").unwrap();
+        assert_eq!(import.credentials.keys().collect::<Vec<_>>(), ["ok"]);
     }
 
     #[test]
