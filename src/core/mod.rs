@@ -1,6 +1,7 @@
 //! The pure core: wire formats, codes, filters and attribution. Nothing in here does I/O
 //! or reads the clock, so every rule can be tested (and fuzzed) from bytes alone.
 
+pub mod archive;
 pub mod attribution;
 pub mod baseline;
 pub mod code;
