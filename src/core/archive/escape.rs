@@ -177,9 +177,7 @@ pub fn unescape(token: &[u8]) -> Result<String, EscapeError> {
         b"-" => return Ok(String::new()),
         _ => {}
     }
-    let clean = token
-        .iter()
-        .all(|&c| c != b'%' && c >= 0x20 && c != 0x7f);
+    let clean = token.iter().all(|&c| c != b'%' && c >= 0x20 && c != 0x7f);
     if clean {
         return String::from_utf8(token.to_vec()).map_err(|_| EscapeError::NotUtf8);
     }
@@ -260,7 +258,10 @@ mod tests {
 
     #[test]
     fn every_hidden_char_is_escaped() {
-        for c in (0x80u32..0x11_0000).filter_map(char::from_u32).filter(|c| is_hidden(*c)) {
+        for c in (0x80u32..0x11_0000)
+            .filter_map(char::from_u32)
+            .filter(|c| is_hidden(*c))
+        {
             let s = c.to_string();
             assert!(may_hide(s.as_bytes()[0]), "{c:?} lead byte");
             assert!(escape(&s, Extra::None).starts_with('%'), "{c:?}");

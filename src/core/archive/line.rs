@@ -227,9 +227,7 @@ impl<'a> View<'a> {
         }
         if let Some(id) = self.identity {
             out.extend_from_slice(b" id=");
-            escape_into(&id.method, Extra::Comma, out);
-            out.push(b',');
-            escape_into(&id.value, Extra::Comma, out);
+            write_identity(id, out);
         }
         if let Some(d) = self.duration_s.filter(|d| d.is_finite()) {
             // Debug is the shortest text that reads back to the same f64.
@@ -292,7 +290,8 @@ impl ArchiveLine {
 
     pub fn from_report_with(r: &Report, archived_at: Stamp, time: TimeSource) -> ArchiveLine {
         let v = View::of_report(r, archived_at, time);
-        let [source, client, host, flow, from, rel, base, message, topic] = v.text.map(str::to_owned);
+        let [source, client, host, flow, from, rel, base, message, topic] =
+            v.text.map(str::to_owned);
         ArchiveLine {
             time: v.time,
             code: v.code,
@@ -466,6 +465,20 @@ fn parse_identity(v: &[u8]) -> Option<Identity> {
     })
 }
 
+/// The identity as the `id=` value writes it (`method,value`, each escaped): one text per
+/// identity, used as a key by the index and the trace.
+pub fn identity_token(id: &Identity) -> String {
+    let mut out = Vec::with_capacity(id.method.len() + id.value.len() + 1);
+    write_identity(id, &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+fn write_identity(id: &Identity, out: &mut Vec<u8>) {
+    escape_into(&id.method, Extra::Comma, out);
+    out.push(b',');
+    escape_into(&id.value, Extra::Comma, out);
+}
+
 /// The lines of a buffer, each with its `\n`; a last piece without one is yielded too,
 /// so that [`ArchiveLine::parse`] reports it as [`LineError::Partial`].
 pub fn split_lines(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
@@ -501,14 +514,20 @@ fn write_u64(mut n: u64, out: &mut Vec<u8>) {
     out.extend_from_slice(&buf[i..]);
 }
 
+/// A time as lines write it (`YYYYMMDDTHHMMSS.fff`, more digits when needed).
+pub fn time_text(t: Stamp) -> String {
+    let mut out = Vec::with_capacity(25);
+    write_time(clamp(t), &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
 /// `YYYYMMDDTHHMMSS.fff`, `.ffffff` or `.fffffffff`: the shortest exact fraction.
 fn parse_time(t: &[u8]) -> Option<Stamp> {
     // The strict shape keeps the text canonical: one spelling per time.
     let ok = matches!(t.len(), 19 | 22 | 25)
         && t[8] == b'T'
         && t[15] == b'.'
-        && t
-            .iter()
+        && t.iter()
             .enumerate()
             .all(|(i, c)| i == 8 || i == 15 || c.is_ascii_digit());
     if !ok {
@@ -540,9 +559,9 @@ fn write_time(t: Stamp, out: &mut Vec<u8>) {
     put(16, nanos, 9);
     b[8] = b'T';
     b[15] = b'.';
-    let len = if nanos % 1_000_000 == 0 {
+    let len = if nanos.is_multiple_of(1_000_000) {
         19
-    } else if nanos % 1_000 == 0 {
+    } else if nanos.is_multiple_of(1_000) {
         22
     } else {
         25
@@ -564,7 +583,14 @@ fn civil(secs: i64) -> (i64, u32, u32, u32, u32, u32) {
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
-    (y.clamp(0, 9999), m, d, sod / 3600, sod % 3600 / 60, sod % 60)
+    (
+        y.clamp(0, 9999),
+        m,
+        d,
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60,
+    )
 }
 
 /// The hour file an archive time belongs to, relative to the cluster's directory:

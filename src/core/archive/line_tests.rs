@@ -105,7 +105,10 @@ fn report_time_rules() {
     // No completion time (v01, v02): the archive time.
     assert_eq!(ArchiveLine::from_report(&r, at).time, at);
     r.time_completed = Some(t("20150601T135701.900"));
-    assert_eq!(ArchiveLine::from_report(&r, at).time, r.time_completed.unwrap());
+    assert_eq!(
+        ArchiveLine::from_report(&r, at).time,
+        r.time_completed.unwrap()
+    );
     assert_eq!(
         ArchiveLine::from_report_with(&r, at, TimeSource::Archived).time,
         at
@@ -124,7 +127,10 @@ fn client_and_source_follow_the_stamps() {
     r.stamped_source = Some("radar".into());
     r.source = Some("sr3user".into());
     let line = ArchiveLine::from_report(&r, t(ARCHIVED));
-    assert_eq!((line.client.as_str(), line.source.as_str()), ("cfs", "radar"));
+    assert_eq!(
+        (line.client.as_str(), line.source.as_str()),
+        ("cfs", "radar")
+    );
     r.stamped_client = None;
     r.user = None;
     r.host = None;
@@ -135,7 +141,12 @@ fn client_and_source_follow_the_stamps() {
 #[test]
 fn hops_only_from_a_sane_header() {
     let mut r = sample();
-    for (v, want) in [("3", Some(3)), ("-1", None), ("x", None), ("99999999999", None)] {
+    for (v, want) in [
+        ("3", Some(3)),
+        ("-1", None),
+        ("x", None),
+        ("99999999999", None),
+    ] {
         r.extra = [(HOPS_HEADER, v)].into_iter().collect();
         assert_eq!(ArchiveLine::from_report(&r, t(ARCHIVED)).hops, want, "{v}");
     }
@@ -223,33 +234,78 @@ fn malformed_lines_are_refused() {
         (String::new(), LineError::Partial),
         ("\n".into(), LineError::EmptyField { at: 1 }),
         (format!("{g}\nx\n"), LineError::Break),
-        ("20150601T135702.001 201 a\n".into(), LineError::Fields { found: 3 }),
+        (
+            "20150601T135702.001 201 a\n".into(),
+            LineError::Fields { found: 3 },
+        ),
         (format!("{g} \n"), LineError::EmptyField { at: 16 }),
-        (g.replacen(" 201 ", "  201 ", 1) + "\n", LineError::EmptyField { at: 2 }),
-        (g.replacen("20150601T135702.001", "2015-06-01", 1) + "\n", LineError::Invalid("time")),
-        (g.replacen(" 201 ", " 70000 ", 1) + "\n", LineError::Invalid("code")),
-        (g.replacen(" 201 ", " 2x1 ", 1) + "\n", LineError::Invalid("code")),
-        (g.replacen("anonymous@castor", "anonymous", 1) + "\n", LineError::Invalid("client@host")),
-        (g.replacen("anonymous@castor", "a@n@castor", 1) + "\n", LineError::Invalid("client@host")),
+        (
+            g.replacen(" 201 ", "  201 ", 1) + "\n",
+            LineError::EmptyField { at: 2 },
+        ),
+        (
+            g.replacen("20150601T135702.001", "2015-06-01", 1) + "\n",
+            LineError::Invalid("time"),
+        ),
+        (
+            g.replacen(" 201 ", " 70000 ", 1) + "\n",
+            LineError::Invalid("code"),
+        ),
+        (
+            g.replacen(" 201 ", " 2x1 ", 1) + "\n",
+            LineError::Invalid("code"),
+        ),
+        (
+            g.replacen("anonymous@castor", "anonymous", 1) + "\n",
+            LineError::Invalid("client@host"),
+        ),
+        (
+            g.replacen("anonymous@castor", "a@n@castor", 1) + "\n",
+            LineError::Invalid("client@host"),
+        ),
         (
             g.replacen(" exp13 ", " exp%1 ", 1) + "\n",
-            LineError::Escape { field: "flow", error: EscapeError::Percent },
+            LineError::Escape {
+                field: "flow",
+                error: EscapeError::Percent,
+            },
         ),
         (
             g.replacen(" exp13 ", " exp\t13 ", 1) + "\n",
-            LineError::Escape { field: "flow", error: EscapeError::Control(9) },
+            LineError::Escape {
+                field: "flow",
+                error: EscapeError::Control(9),
+            },
         ),
         (format!("{g} banana\n"), LineError::NotPair { at: 16 }),
         (format!("{g} BIG=1\n"), LineError::NotPair { at: 16 }),
         (format!("{g} =1\n"), LineError::NotPair { at: 16 }),
         (format!("{g} size=1\n"), LineError::Duplicate("size".into())),
         (format!("{g} x=1 x=2\n"), LineError::Duplicate("x".into())),
-        (g.replacen("size=457", "size=-4", 1) + "\n", LineError::Invalid("size")),
-        (g.replacen("dur=0.0006767", "dur=NaN", 1) + "\n", LineError::Invalid("dur")),
-        (g.replacen("id=md5,0f3c9a", "id=md5", 1) + "\n", LineError::Invalid("id")),
-        (g.replacen("id=md5,0f3c9a", "id=a,b,c", 1) + "\n", LineError::Invalid("id")),
-        (g.replacen("pub=20150601T135701.345", "pub=x", 1) + "\n", LineError::Invalid("pub")),
-        (g.replacen("to=ddi.science,bunny", "to=a,,b", 1) + "\n", LineError::Invalid("to")),
+        (
+            g.replacen("size=457", "size=-4", 1) + "\n",
+            LineError::Invalid("size"),
+        ),
+        (
+            g.replacen("dur=0.0006767", "dur=NaN", 1) + "\n",
+            LineError::Invalid("dur"),
+        ),
+        (
+            g.replacen("id=md5,0f3c9a", "id=md5", 1) + "\n",
+            LineError::Invalid("id"),
+        ),
+        (
+            g.replacen("id=md5,0f3c9a", "id=a,b,c", 1) + "\n",
+            LineError::Invalid("id"),
+        ),
+        (
+            g.replacen("pub=20150601T135701.345", "pub=x", 1) + "\n",
+            LineError::Invalid("pub"),
+        ),
+        (
+            g.replacen("to=ddi.science,bunny", "to=a,,b", 1) + "\n",
+            LineError::Invalid("to"),
+        ),
     ];
     for (text, want) in cases {
         assert_eq!(ArchiveLine::parse(text.as_bytes()), Err(want), "{text:?}");
@@ -298,7 +354,9 @@ fn any_text() -> impl Strategy<Value = String> {
 }
 
 fn any_identity() -> impl Strategy<Value = Option<Identity>> {
-    proptest::option::of((any_text(), any_text()).prop_map(|(method, value)| Identity { method, value }))
+    proptest::option::of(
+        (any_text(), any_text()).prop_map(|(method, value)| Identity { method, value }),
+    )
 }
 
 prop_compose! {

@@ -6,6 +6,10 @@
 //! daemon and the command, which only call these.
 
 pub mod escape;
+pub mod index;
 pub mod line;
+pub mod trace;
 
+pub use index::{Index, IndexBuilder, IndexError, SetKind};
 pub use line::{ArchiveLine, LineError, TimeSource, split_lines, write_report};
+pub use trace::{FileMatch, Follow, Life, Lives, Matcher, Query, render_json, render_text};
