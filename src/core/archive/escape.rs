@@ -36,10 +36,13 @@ const COMMA: u8 = 4;
 const QUOTE: u8 = 8;
 /// Escaped in every mode but [`Extra::Quoted`].
 const SPACE: u8 = 16;
+/// The lead byte of a character that may be hidden: decode it and ask [`is_hidden`].
+const LEAD: u8 = 32;
 
-/// Flags of the ASCII bytes.
-const CLASS: [u8; 128] = {
-    let mut t = [0u8; 128];
+/// Flags of every byte value, so the scan is one table look-up per byte. Continuation
+/// bytes (0x80–0xBF) never equal a lead byte, so stopping at lead bytes alone is exact.
+const CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
     let mut i = 0;
     while i < 0x20 {
         t[i] = ALWAYS;
@@ -51,12 +54,19 @@ const CLASS: [u8; 128] = {
     t[b'@' as usize] = AT;
     t[b',' as usize] = COMMA;
     t[b'"' as usize] = QUOTE;
+    let leads = [0xc2, 0xd8, 0xe1, 0xe2, 0xe3, 0xef, 0xf3];
+    let mut j = 0;
+    while j < leads.len() {
+        t[leads[j]] = LEAD;
+        j += 1;
+    }
     t
 };
 
 impl Extra {
     fn mask(self) -> u8 {
         ALWAYS
+            | LEAD
             | match self {
                 Extra::None => SPACE,
                 Extra::At => SPACE | AT,
@@ -85,12 +95,6 @@ pub fn is_hidden(c: char) -> bool {
         | '\u{e0000}'..='\u{e007f}')
 }
 
-/// Lead bytes of every UTF-8 sequence [`is_hidden`] may accept; any other lead byte is
-/// copied without decoding the character.
-fn may_hide(lead: u8) -> bool {
-    matches!(lead, 0xc2 | 0xd8 | 0xe1 | 0xe2 | 0xe3 | 0xef | 0xf3)
-}
-
 fn utf8_len(lead: u8) -> usize {
     match lead {
         0xf0.. => 4,
@@ -115,20 +119,21 @@ pub fn escape_into(value: &str, extra: Extra, out: &mut Vec<u8>) {
     let mask = extra.mask();
     let b = value.as_bytes();
     let (mut start, mut i) = (0, 0);
-    while i < b.len() {
-        let c = b[i];
-        if c < 0x80 {
-            if CLASS[usize::from(c)] & mask != 0 {
-                out.extend_from_slice(&b[start..i]);
-                push_pct(out, c);
-                start = i + 1;
-            }
+    loop {
+        while i < b.len() && CLASS[usize::from(b[i])] & mask == 0 {
             i += 1;
+        }
+        let Some(&c) = b.get(i) else { break };
+        if c < 0x80 {
+            out.extend_from_slice(&b[start..i]);
+            push_pct(out, c);
+            i += 1;
+            start = i;
             continue;
         }
+        // A lead byte, so `i` is a character boundary of the str.
         let len = utf8_len(c);
-        // `value` is a str and `i` a character boundary, so the slice is one character.
-        if may_hide(c) && value[i..].chars().next().is_some_and(is_hidden) {
+        if value[i..].chars().next().is_some_and(is_hidden) {
             out.extend_from_slice(&b[start..i]);
             for &byte in &b[i..i + len] {
                 push_pct(out, byte);
@@ -263,7 +268,7 @@ mod tests {
             .filter(|c| is_hidden(*c))
         {
             let s = c.to_string();
-            assert!(may_hide(s.as_bytes()[0]), "{c:?} lead byte");
+            assert_eq!(CLASS[usize::from(s.as_bytes()[0])], LEAD, "{c:?} lead byte");
             assert!(escape(&s, Extra::None).starts_with('%'), "{c:?}");
         }
     }

@@ -8,9 +8,14 @@
 //! `pubTime` form `YYYYMMDDTHHMMSS.fff`, with 6 or 9 fraction digits only when needed to
 //! keep the value exact; they sort as text and `grep` finds the stamp a message carried.
 //!
+//! `<source>` and `<client>` are as attributed ([`client_of`], [`source_of`]: `route`'s
+//! stamps, else the report's own fields); `<host>` is the consumer host the report states.
+//!
 //! `<time>` is the report time: the consumer's completion time (`timeCompleted`, sr3) when
-//! the report states one, else the time the report was archived; [`TimeSource::Archived`]
-//! makes it always the latter.
+//! the report states one (and it is not more than [`FUTURE_TOLERANCE_S`] after the archive
+//! time), else the time the report was archived; [`TimeSource::Archived`] makes it always
+//! the latter. The hour file is the daemon's choice ([`hour_path`] of the archive time), so
+//! a late report sits in the hour it arrived and the index's time range says so.
 //!
 //! After the ten SPEC fields come `key=value` pairs, each written only when known, in this
 //! order (a reader keeps keys it does not know in [`ArchiveLine::other`], so new keys can
@@ -124,6 +129,9 @@ const MIN_NANOS: i128 = -62_167_219_200 * 1_000_000_000;
 const MAX_NANOS: i128 = 253_402_207_201 * 1_000_000_000 - 1;
 
 fn clamp(t: Stamp) -> Stamp {
+    if representable(t) {
+        return t;
+    }
     let n = t.0.as_nanosecond().clamp(MIN_NANOS, MAX_NANOS);
     jiff::Timestamp::from_nanosecond(n).map(Stamp).unwrap_or(t)
 }
@@ -143,9 +151,14 @@ struct View<'a> {
     other: &'a [(String, String)],
 }
 
+/// A completion time later than this after the report was archived is a broken clock or
+/// a lie (a report cannot be archived before it was sent); the archive time is used.
+pub const FUTURE_TOLERANCE_S: i64 = 3600;
+
 fn report_time(r: &Report, archived_at: Stamp, time: TimeSource) -> Stamp {
+    let latest = archived_at.0.as_nanosecond() + i128::from(FUTURE_TOLERANCE_S) * 1_000_000_000;
     match (time, r.time_completed) {
-        (TimeSource::Completed, Some(t)) if representable(t) => t,
+        (TimeSource::Completed, Some(t)) if representable(t) && t.0.as_nanosecond() <= latest => t,
         _ => clamp(archived_at),
     }
 }
@@ -485,6 +498,12 @@ pub fn split_lines(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
     buf.split_inclusive(|&c| c == b'\n')
 }
 
+/// How many bytes of `buf` are whole lines: what a restarted daemon keeps of the hour it
+/// was writing when it died (the rest is a partial last line).
+pub fn complete_len(buf: &[u8]) -> usize {
+    memchr::memrchr(b'\n', buf).map_or(0, |i| i + 1)
+}
+
 /// The file name: the last component of a relPath (a trailing `/` ignored).
 pub fn file_name(rel_path: &str) -> &str {
     let t = rel_path.trim_end_matches('/');
@@ -538,9 +557,7 @@ fn parse_time(t: &[u8]) -> Option<Stamp> {
 }
 
 fn write_time(t: Stamp, out: &mut Vec<u8>) {
-    let n = t.0.as_nanosecond();
-    let secs = n.div_euclid(1_000_000_000) as i64;
-    let nanos = n.rem_euclid(1_000_000_000) as u32;
+    let (secs, nanos) = secs_nanos(t);
     let (y, mo, d, h, mi, s) = civil(secs);
     let mut b = [0u8; 25];
     let mut put = |at: usize, v: u32, width: usize| {
@@ -567,6 +584,16 @@ fn write_time(t: Stamp, out: &mut Vec<u8>) {
         25
     };
     out.extend_from_slice(&b[..len]);
+}
+
+/// Whole seconds (floored) and the nanoseconds after them, without 128-bit division.
+fn secs_nanos(t: Stamp) -> (i64, u32) {
+    let (s, n) = (t.0.as_second(), t.0.subsec_nanosecond());
+    if n < 0 {
+        (s - 1, (n + 1_000_000_000) as u32)
+    } else {
+        (s, n as u32)
+    }
 }
 
 /// Days since 1970-01-01 to the civil date and time of day (Howard Hinnant's algorithm;
@@ -596,8 +623,7 @@ fn civil(secs: i64) -> (i64, u32, u32, u32, u32, u32) {
 /// The hour file an archive time belongs to, relative to the cluster's directory:
 /// `YYYY/MM/DD/HH` (UTC); the daemon adds `.log` / `.log.zst`.
 pub fn hour_path(t: Stamp) -> String {
-    let t = clamp(t);
-    let secs = t.0.as_nanosecond().div_euclid(1_000_000_000) as i64;
+    let (secs, _) = secs_nanos(clamp(t));
     let (y, mo, d, h, _, _) = civil(secs);
     format!("{y:04}/{mo:02}/{d:02}/{h:02}")
 }

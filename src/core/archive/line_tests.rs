@@ -113,6 +113,14 @@ fn report_time_rules() {
         ArchiveLine::from_report_with(&r, at, TimeSource::Archived).time,
         at
     );
+    // A completion time in the future of the archive is not believed.
+    r.time_completed = Some(t("20150601T145702.001"));
+    assert_eq!(
+        ArchiveLine::from_report(&r, at).time,
+        r.time_completed.unwrap()
+    );
+    r.time_completed = Some(t("20150601T145702.002"));
+    assert_eq!(ArchiveLine::from_report(&r, at).time, at);
     // A completion time a line cannot hold is ignored; so is such a pubTime.
     r.time_completed = Stamp::from_unix(-70_000_000_000, 0);
     r.pub_time = Some(Stamp(jiff::Timestamp::MIN));
@@ -320,6 +328,14 @@ fn split_lines_yields_the_partial_tail() {
     let v: Vec<&[u8]> = split_lines(buf).collect();
     assert_eq!(v, vec![&b"a\n"[..], b"b\n", b"part"]);
     assert_eq!(ArchiveLine::parse(v[2]), Err(LineError::Partial));
+}
+
+#[test]
+fn complete_len_drops_the_partial_tail() {
+    assert_eq!(complete_len(b""), 0);
+    assert_eq!(complete_len(b"partial"), 0);
+    assert_eq!(complete_len(b"a\nb\n"), 4);
+    assert_eq!(complete_len(b"a\nb\npart"), 4);
 }
 
 #[test]

@@ -88,17 +88,6 @@ impl Query {
             }
     }
 
-    /// Whether the query can only be answered by reading every line (the index cannot
-    /// help): nothing set but a regex, or a file regex.
-    pub fn is_full_scan(&self) -> bool {
-        self.source.is_none()
-            && self.client.is_none()
-            && self.host.is_none()
-            && self.flow.is_none()
-            && self.code.is_none()
-            && !matches!(self.file, Some(FileMatch::Name(_)))
-    }
-
     /// The query ready to run over raw lines.
     pub fn matcher(&self) -> Matcher {
         let mut needles = Vec::new();
