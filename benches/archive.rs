@@ -10,6 +10,7 @@ use criterion::{Criterion, Throughput, black_box, criterion_group, criterion_mai
 use pumpwatch::core::archive::{
     ArchiveLine, FileMatch, IndexBuilder, Query, TimeSource, write_report,
 };
+use pumpwatch::core::attribution::Who;
 use pumpwatch::core::report::{Format, Identity, Report};
 use pumpwatch::core::{Headers, Stamp};
 
@@ -54,6 +55,13 @@ fn report(i: u64, per_product: u64) -> Report {
     }
 }
 
+fn who(r: &Report) -> Who {
+    Who {
+        client: r.user.clone(),
+        source: r.source.clone(),
+    }
+}
+
 fn archived_at() -> Stamp {
     Stamp::from_unix(PUB + 3600, 0).unwrap()
 }
@@ -67,9 +75,9 @@ fn sizes() {
         for i in 0..n {
             let r = report(i, per_product);
             buf.clear();
-            write_report(&r, archived_at(), TimeSource::Completed, &mut buf);
+            write_report(&r, &who(&r), archived_at(), TimeSource::Completed, &mut buf);
             bytes += buf.len();
-            b.add(&ArchiveLine::from_report(&r, archived_at()));
+            b.add(&ArchiveLine::from_report(&r, &who(&r), archived_at()));
         }
         let index = b.finish();
         eprintln!(
@@ -86,9 +94,10 @@ fn bench(c: &mut Criterion) {
         sizes();
     }
     let reports: Vec<Report> = (0..1024).map(|i| report(i, 4)).collect();
+    let whos: Vec<Who> = reports.iter().map(who).collect();
     let lines: Vec<ArchiveLine> = reports
         .iter()
-        .map(|r| ArchiveLine::from_report(r, archived_at()))
+        .map(|r| ArchiveLine::from_report(r, &who(r), archived_at()))
         .collect();
     let raw: Vec<Vec<u8>> = lines
         .iter()
@@ -110,6 +119,7 @@ fn bench(c: &mut Criterion) {
             buf.clear();
             write_report(
                 black_box(&reports[i]),
+                &whos[i],
                 archived_at(),
                 TimeSource::Completed,
                 &mut buf,

@@ -8,8 +8,9 @@
 //! `pubTime` form `YYYYMMDDTHHMMSS.fff`, with 6 or 9 fraction digits only when needed to
 //! keep the value exact; they sort as text and `grep` finds the stamp a message carried.
 //!
-//! `<source>` and `<client>` are as attributed ([`client_of`], [`source_of`]: `route`'s
-//! stamps, else the report's own fields); `<host>` is the consumer host the report states.
+//! `<source>` and `<client>` are as the pump's `Attributor::who` tells them (`route`'s
+//! stamps, else the same rules without the index), passed in as a [`Who`]; `<host>` is the
+//! consumer host the report states.
 //!
 //! `<time>` is the report time: the consumer's completion time (`timeCompleted`, sr3) when
 //! the report states one (and it is not more than [`FUTURE_TOLERANCE_S`] after the archive
@@ -35,7 +36,7 @@
 //! by a crash), so a partial last line is never read as a shorter, valid one.
 
 use super::escape::{EscapeError, Extra, escape_into, unescape};
-use crate::core::attribution::{client_of, source_of};
+use crate::core::attribution::Who;
 use crate::core::report::{Identity, Report};
 use crate::core::stamp::Stamp;
 use serde::Serialize;
@@ -169,13 +170,13 @@ fn hops_of(r: &Report) -> Option<u32> {
 }
 
 impl<'a> View<'a> {
-    fn of_report(r: &'a Report, archived_at: Stamp, time: TimeSource) -> View<'a> {
+    fn of_report(r: &'a Report, who: &'a Who, archived_at: Stamp, time: TimeSource) -> View<'a> {
         View {
             time: report_time(r, archived_at, time),
             code: r.code,
             text: [
-                source_of(r).unwrap_or(""),
-                client_of(r).unwrap_or(""),
+                who.source.as_deref().unwrap_or(""),
+                who.client.as_deref().unwrap_or(""),
                 r.host.as_deref().unwrap_or(""),
                 r.flow.as_deref().unwrap_or(""),
                 r.from_cluster.as_deref().unwrap_or(""),
@@ -281,8 +282,14 @@ impl<'a> View<'a> {
 
 /// Writes the archive line of `r` (as [`ArchiveLine::from_report`] then
 /// [`ArchiveLine::write`] would) without copying its fields.
-pub fn write_report(r: &Report, archived_at: Stamp, time: TimeSource, out: &mut Vec<u8>) {
-    View::of_report(r, archived_at, time).write(out);
+pub fn write_report(
+    r: &Report,
+    who: &Who,
+    archived_at: Stamp,
+    time: TimeSource,
+    out: &mut Vec<u8>,
+) {
+    View::of_report(r, who, archived_at, time).write(out);
 }
 
 const KNOWN: [&str; 6] = ["pub", "id", "dur", "size", "hops", "to"];
@@ -295,14 +302,20 @@ fn valid_key(k: &[u8]) -> bool {
 }
 
 impl ArchiveLine {
-    /// The line for `r`, archived at `archived_at`; the time is the completion time when
-    /// the report states one (see [`TimeSource`]).
-    pub fn from_report(r: &Report, archived_at: Stamp) -> ArchiveLine {
-        Self::from_report_with(r, archived_at, TimeSource::Completed)
+    /// The line for `r`, attributed to `who` (the pump's `Attributor::who`), archived at
+    /// `archived_at`; the time is the completion time when the report states one (see
+    /// [`TimeSource`]).
+    pub fn from_report(r: &Report, who: &Who, archived_at: Stamp) -> ArchiveLine {
+        Self::from_report_with(r, who, archived_at, TimeSource::Completed)
     }
 
-    pub fn from_report_with(r: &Report, archived_at: Stamp, time: TimeSource) -> ArchiveLine {
-        let v = View::of_report(r, archived_at, time);
+    pub fn from_report_with(
+        r: &Report,
+        who: &Who,
+        archived_at: Stamp,
+        time: TimeSource,
+    ) -> ArchiveLine {
+        let v = View::of_report(r, who, archived_at, time);
         let [source, client, host, flow, from, rel, base, message, topic] =
             v.text.map(str::to_owned);
         ArchiveLine {

@@ -1,5 +1,6 @@
 use super::*;
 use crate::core::Headers;
+use crate::core::attribution::Attributor;
 use crate::core::report::{Format, Incoming, Message, parse as parse_report};
 use proptest::prelude::*;
 
@@ -38,9 +39,18 @@ fn sample() -> Report {
 
 const ARCHIVED: &str = "20150601T135702.001";
 
+/// Who a report is about, as a pump with no declared accounts sees it.
+fn who(r: &Report) -> Who {
+    Attributor::default().who(r, None)
+}
+
+fn from(r: &Report, at: Stamp) -> ArchiveLine {
+    ArchiveLine::from_report(r, &who(r), at)
+}
+
 #[test]
 fn the_example_line() {
-    let line = ArchiveLine::from_report(&sample(), t(ARCHIVED));
+    let line = from(&sample(), t(ARCHIVED));
     assert_eq!(
         line.to_line(),
         "20150601T135702.001 201 ec_cmc anonymous@castor exp13 ddi.cmc \
@@ -76,7 +86,7 @@ fn from_a_parsed_v02_report() {
     let Ok(Message::Report(r)) = parse_report(&inc) else {
         panic!("sample should parse")
     };
-    let line = ArchiveLine::from_report(&r, t(ARCHIVED));
+    let line = from(&r, t(ARCHIVED));
     assert_eq!(
         line.to_line(),
         "20150601T135702.001 201 ec_cmc anon@castor exp13 ddi.cmc NRDPS/GIF/ sftp://a@b/x \
@@ -91,9 +101,9 @@ fn write_report_writes_what_from_report_writes() {
     r.time_completed = Some(t("20150601T135701.9"));
     for ts in [TimeSource::Completed, TimeSource::Archived] {
         let mut a = Vec::new();
-        write_report(&r, t(ARCHIVED), ts, &mut a);
+        write_report(&r, &who(&r), t(ARCHIVED), ts, &mut a);
         let mut b = Vec::new();
-        ArchiveLine::from_report_with(&r, t(ARCHIVED), ts).write(&mut b);
+        ArchiveLine::from_report_with(&r, &who(&r), t(ARCHIVED), ts).write(&mut b);
         assert_eq!(a, b);
     }
 }
@@ -103,28 +113,22 @@ fn report_time_rules() {
     let mut r = sample();
     let at = t(ARCHIVED);
     // No completion time (v01, v02): the archive time.
-    assert_eq!(ArchiveLine::from_report(&r, at).time, at);
+    assert_eq!(from(&r, at).time, at);
     r.time_completed = Some(t("20150601T135701.900"));
+    assert_eq!(from(&r, at).time, r.time_completed.unwrap());
     assert_eq!(
-        ArchiveLine::from_report(&r, at).time,
-        r.time_completed.unwrap()
-    );
-    assert_eq!(
-        ArchiveLine::from_report_with(&r, at, TimeSource::Archived).time,
+        ArchiveLine::from_report_with(&r, &who(&r), at, TimeSource::Archived).time,
         at
     );
     // A completion time in the future of the archive is not believed.
     r.time_completed = Some(t("20150601T145702.001"));
-    assert_eq!(
-        ArchiveLine::from_report(&r, at).time,
-        r.time_completed.unwrap()
-    );
+    assert_eq!(from(&r, at).time, r.time_completed.unwrap());
     r.time_completed = Some(t("20150601T145702.002"));
-    assert_eq!(ArchiveLine::from_report(&r, at).time, at);
+    assert_eq!(from(&r, at).time, at);
     // A completion time a line cannot hold is ignored; so is such a pubTime.
     r.time_completed = Stamp::from_unix(-70_000_000_000, 0);
     r.pub_time = Some(Stamp(jiff::Timestamp::MIN));
-    let line = ArchiveLine::from_report(&r, at);
+    let line = from(&r, at);
     assert_eq!((line.time, line.pub_time), (at, None));
 }
 
@@ -134,7 +138,7 @@ fn client_and_source_follow_the_stamps() {
     r.stamped_client = Some("cfs".into());
     r.stamped_source = Some("radar".into());
     r.source = Some("sr3user".into());
-    let line = ArchiveLine::from_report(&r, t(ARCHIVED));
+    let line = from(&r, t(ARCHIVED));
     assert_eq!(
         (line.client.as_str(), line.source.as_str()),
         ("cfs", "radar")
@@ -142,7 +146,7 @@ fn client_and_source_follow_the_stamps() {
     r.stamped_client = None;
     r.user = None;
     r.host = None;
-    let line = ArchiveLine::from_report(&r, t(ARCHIVED));
+    let line = from(&r, t(ARCHIVED));
     assert!(line.to_line().contains(" -@- "), "{}", line.to_line());
 }
 
@@ -156,7 +160,7 @@ fn hops_only_from_a_sane_header() {
         ("99999999999", None),
     ] {
         r.extra = [(HOPS_HEADER, v)].into_iter().collect();
-        assert_eq!(ArchiveLine::from_report(&r, t(ARCHIVED)).hops, want, "{v}");
+        assert_eq!(from(&r, t(ARCHIVED)).hops, want, "{v}");
     }
 }
 
@@ -169,7 +173,7 @@ fn a_hostile_report_stays_on_one_line() {
     r.rel_path = "dir/\u{202e}fdp.exe".into();
     r.source = Some("-".into());
     r.flow = Some(String::new());
-    let text = ArchiveLine::from_report(&r, t(ARCHIVED)).to_line();
+    let text = from(&r, t(ARCHIVED)).to_line();
     assert_eq!(text.matches('\n').count(), 1);
     assert!(!text.contains('\u{1b}') && !text.contains('\u{202e}') && !text.contains('\r'));
     let fields: Vec<&str> = text.trim_end().split(' ').collect();
@@ -178,7 +182,7 @@ fn a_hostile_report_stays_on_one_line() {
     assert_eq!(fields[4], "-");
     assert_eq!(fields[6], "dir/%E2%80%AEfdp.exe");
     let back = ArchiveLine::parse(text.as_bytes()).unwrap();
-    assert_eq!(back, ArchiveLine::from_report(&r, t(ARCHIVED)));
+    assert_eq!(back, from(&r, t(ARCHIVED)));
 }
 
 #[test]
@@ -201,7 +205,7 @@ fn times_keep_their_precision() {
 
 #[test]
 fn out_of_range_times_are_clamped_when_written() {
-    let mut line = ArchiveLine::from_report(&sample(), t(ARCHIVED));
+    let mut line = from(&sample(), t(ARCHIVED));
     line.time = Stamp::from_unix(-100_000_000_000, 0).unwrap();
     line.pub_time = Some(Stamp(jiff::Timestamp::MIN));
     let back = ArchiveLine::parse(line.to_line().as_bytes()).unwrap();
@@ -215,7 +219,7 @@ fn out_of_range_times_are_clamped_when_written() {
 
 #[test]
 fn unknown_keys_are_kept_and_bad_ones_dropped_when_written() {
-    let base = ArchiveLine::from_report(&sample(), t(ARCHIVED)).to_line();
+    let base = from(&sample(), t(ARCHIVED)).to_line();
     let text = format!("{} x_new=a%20b lag2=-\n", base.trim_end());
     let line = ArchiveLine::parse(text.as_bytes()).unwrap();
     assert_eq!(
@@ -235,7 +239,7 @@ fn unknown_keys_are_kept_and_bad_ones_dropped_when_written() {
 
 #[test]
 fn malformed_lines_are_refused() {
-    let good = ArchiveLine::from_report(&sample(), t(ARCHIVED)).to_line();
+    let good = from(&sample(), t(ARCHIVED)).to_line();
     let g = good.trim_end();
     let cases: Vec<(String, LineError)> = vec![
         (g.to_owned(), LineError::Partial),

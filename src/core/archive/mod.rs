@@ -1,12 +1,13 @@
 //! The archive of every report (`pumpwatch archive`) and the search over it
 //! (`pumpwatch trace`), SPEC §4.10, as pure code: the line format and its escaping
-//! ([`line`], [`escape`]), the per-hour sidecar index that lets `trace` skip an hour
-//! without opening it ([`index`]), and the query and the grouping of lines into each
+//! ([`line`](mod@line), [`escape`]), the per-hour sidecar index that lets `trace` skip an
+//! hour without opening it ([`index`]), and the query and the grouping of lines into each
 //! product's life across pumps ([`trace`]). Files, compression and the clock belong to the
 //! daemon and the command, which only call these:
 //!
-//! - **archive**: per report, [`write_report`]`(&report, now, TimeSource::Completed, &mut
-//!   batch)` into `DIR/<cluster>/`[`hour_path`]`(now)`.log; on restart, cut the open hour
+//! - **archive**: per report, [`write_report`]`(&report, &attributor.who(&report,
+//!   user_id), now, TimeSource::Completed, &mut batch)` into
+//!   `DIR/<cluster>/`[`hour_path`]`(now)`.log; on restart, cut the open hour
 //!   to [`complete_len`]; when an hour closes, [`split_lines`] + [`ArchiveLine::parse`]
 //!   every line into an [`IndexBuilder`] and write [`IndexBuilder::finish`] beside it.
 //! - **trace**: build a [`Query`]; pass 1 over every hour whose index
