@@ -51,6 +51,8 @@ fn settings() -> Settings {
         all_interval: Duration::from_secs(1),
         expire: Duration::from_secs(86_400),
         overrides: BTreeMap::new(),
+        // Every source declared, so the (source, client) pairs are kept and measured.
+        views: (0..SOURCES).map(|i| format!("source{i:04}")).collect(),
     }
 }
 

@@ -595,3 +595,75 @@ async fn the_page_in_headless_chromium() {
     assert!(shot.exists() && shot_big.exists());
     p.stop().await;
 }
+
+/// `serve` started before `setup`: it binds and answers `/healthz` with 503 (and
+/// `/api/status`) while `xreport` does not exist, then picks the exchange up once it is
+/// declared, without a restart; a stop while waiting is a clean exit.
+#[tokio::test]
+async fn serve_waits_for_xreport() {
+    let Some(vh) = common::vhost("serve-wait").await else {
+        return;
+    };
+    let shutdown = Shutdown::new();
+    let (addr, server) = start_serve(&vh, View::Admin, &shutdown).await;
+    let (code, _, body) = get(addr, "/healthz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("waiting"), "{body}");
+    assert_eq!(get(addr, "/api/status").await.0, 200);
+    assert!(!server.is_finished(), "serve waits instead of exiting");
+
+    vh.mgmt
+        .declare_exchange(&vh.name, "xreport", "topic", true)
+        .await
+        .unwrap();
+    common::wait_until(
+        "/healthz answers 200 once xreport exists",
+        T,
+        || async move { get(addr, "/healthz").await.0 == 200 },
+    )
+    .await;
+    // And it reads the speedos published there.
+    let reading = Reading {
+        end: Stamp::from_unix(1_700_000_000, 0).unwrap(),
+        good: 7,
+        errors: 0,
+        good_bytes: 70,
+        bad_bytes: 0,
+        interval_bytes: 70,
+        interval_files: 7,
+        interval_s: 1.0,
+    };
+    publish(
+        &vh.amqp_url,
+        &[speedo::encode(
+            &Subject::Client("cfs".into()),
+            None,
+            &reading,
+        )],
+    )
+    .await;
+    common::wait_until("the speedo on /api/status", T, || async move {
+        find(&status(addr).await, "clients", "cfs").is_some_and(|c| totals(c).0 == 7)
+    })
+    .await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("serve stops within 5 s")
+        .unwrap()
+        .unwrap();
+
+    // Stopped while still waiting: exit 0 within the deadline.
+    let Some(vh) = common::vhost("serve-wait-stop").await else {
+        return;
+    };
+    let shutdown = Shutdown::new();
+    let (addr, server) = start_serve(&vh, View::Admin, &shutdown).await;
+    assert_eq!(get(addr, "/healthz").await.0, 503);
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("serve stops within 5 s while waiting")
+        .unwrap()
+        .unwrap();
+}

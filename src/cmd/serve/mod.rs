@@ -20,7 +20,7 @@ mod routes;
 pub use board::{Board, Kind, Status, View};
 
 use super::{Common, Error, UsageError, parse_duration, parse_listen};
-use crate::broker::amqp::{Client, ConnectOptions, QueueDecl, Topology};
+use crate::broker::amqp::{AmqpError, Client, ConnectOptions, QueueDecl, Topology};
 use crate::broker::names;
 use crate::broker::url::BrokerUrl;
 use crate::cmd::speedo;
@@ -32,7 +32,7 @@ use jiff::Timestamp;
 use prometheus_client::collector::Collector;
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 /// `pumpwatch serve` flags.
@@ -102,6 +102,35 @@ impl Config {
     }
 }
 
+/// Connects again and again (backoff from [`WAIT_MIN`] to [`WAIT_MAX`]) until the
+/// exchange `serve` reads exists; `None` when `shutdown` came first. A broker that goes
+/// away meanwhile is waited for too; a refusal (credentials, permissions) ends the wait
+/// with the error (exit 1).
+async fn wait_for_exchange(
+    broker: &BrokerUrl,
+    opts: &ConnectOptions,
+    exchange: &str,
+    shutdown: &Shutdown,
+) -> Result<Option<Client>, Error> {
+    let mut delay = WAIT_MIN;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        match Client::connect(broker, opts.clone()).await {
+            Ok(c) => {
+                tracing::info!("exchange {exchange} is there: serving its speedos");
+                return Ok(Some(c));
+            }
+            Err(AmqpError::NotFound(_) | AmqpError::Connect { .. } | AmqpError::Closed(_)) => {
+                delay = (delay * 2).min(WAIT_MAX);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// `pumpwatch serve`: binds, prints the URL on stderr, serves until `shutdown`.
 pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), Error> {
     let server = Server::bind(cfg).await?;
@@ -117,24 +146,36 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), Error> {
 pub(crate) struct Shared {
     pub(crate) board: Arc<Mutex<Board>>,
     pub(crate) registry: Arc<Registry>,
-    pub(crate) client: Client,
+    /// Set once connected: `serve` may start before the exchange it reads exists.
+    pub(crate) client: Arc<OnceLock<Client>>,
     pub(crate) push_every: Duration,
     pub(crate) shutdown: Shutdown,
 }
 
-/// A bound, connected `serve`, not yet serving: [`Server::local_addr`] tells where
-/// (`--listen 127.0.0.1:0` picks a free port), [`Server::with_collector`] adds metrics.
+/// A bound `serve`, not yet serving: [`Server::local_addr`] tells where (`--listen
+/// 127.0.0.1:0` picks a free port), [`Server::with_collector`] adds metrics. Connected,
+/// or waiting for the exchange it reads (`xreport`, or `xr_<source>`) to be declared.
 pub struct Server {
     cfg: Config,
     listener: Listener,
-    client: Client,
+    /// `None` while the exchange does not exist yet: [`Server::run`] keeps trying.
+    client: Option<Client>,
+    opts: ConnectOptions,
+    exchange: String,
     queue: String,
     board: Arc<Mutex<Board>>,
     registry: Registry,
 }
 
+/// The first retry of a connection that found no exchange, doubling up to [`WAIT_MAX`].
+const WAIT_MIN: Duration = Duration::from_millis(250);
+const WAIT_MAX: Duration = Duration::from_secs(5);
+
 impl Server {
-    /// Binds `cfg.listen` and connects to the broker (both fail fast, exit 1).
+    /// Binds `cfg.listen` and connects to the broker. Both fail fast (exit 1), except
+    /// when the broker is there but the exchange `serve` reads is not: `setup` has not
+    /// run yet, so `serve` waits for it ([`Server::run`] retries with backoff; `/healthz`
+    /// answers 503 meanwhile), as the other daemons do.
     pub async fn bind(cfg: Config) -> Result<Server, Error> {
         let listener = Listener::bind(cfg.listen, cfg.limits).await?;
         let queue = names::private_queue(cfg.broker.user(), "serve");
@@ -152,7 +193,17 @@ impl Server {
             topology,
             ..ConnectOptions::default()
         };
-        let client = Client::connect(&cfg.broker, opts).await?;
+        let client = match Client::connect(&cfg.broker, opts.clone()).await {
+            Ok(c) => Some(c),
+            Err(AmqpError::NotFound(e)) => {
+                tracing::warn!(
+                    "exchange {exchange} does not exist yet ({}); waiting for it (pumpwatch setup declares it)",
+                    text::escape(&e)
+                );
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
         let board = Arc::new(Mutex::new(Board::new(
             &cfg.pump,
             cfg.view.clone(),
@@ -164,6 +215,8 @@ impl Server {
             cfg,
             listener,
             client,
+            opts,
+            exchange,
             queue,
             board,
             registry,
@@ -196,25 +249,41 @@ impl Server {
             cfg,
             listener,
             client,
+            opts,
+            exchange,
             queue,
             board,
             registry,
         } = self;
-        let mut consumer = client.consume(&queue, 1000).await?;
         tracing::info!(
             listen = %listener.local_addr(),
             view = %cfg.view.label(),
             "serve started"
         );
+        let connected = Arc::new(OnceLock::new());
         let shared = Arc::new(Shared {
             board: board.clone(),
             registry: Arc::new(registry),
-            client: client.clone(),
+            client: connected.clone(),
             push_every: cfg.push_every,
             shutdown: shutdown.clone(),
         });
         let app = routes::router(shared);
         let http = tokio::spawn(listener.serve(app, shutdown.clone(), Duration::from_secs(2)));
+        let client = match client {
+            Some(c) => c,
+            None => match wait_for_exchange(&cfg.broker, &opts, &exchange, &shutdown).await {
+                Ok(Some(c)) => c,
+                // Stopped while waiting (Ok), or refused for good (Err): stop serving too.
+                outcome => {
+                    shutdown.cancel();
+                    let _ = tokio::time::timeout(Duration::from_secs(3), http).await;
+                    return outcome.map(|_| ());
+                }
+            },
+        };
+        let _ = connected.set(client.clone());
+        let mut consumer = client.consume(&queue, 1000).await?;
         let mut sweep = tokio::time::interval(cfg.push_every);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {

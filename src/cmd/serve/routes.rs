@@ -35,9 +35,9 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             crate::http::healthz(
                 {
                     let client = shared.client.clone();
-                    move || client.is_connected()
+                    move || client.get().is_some_and(|c| c.is_connected())
                 },
-                "broker connection down, reconnecting",
+                "not connected: waiting for the broker or for the exchange to be declared",
             ),
         )
         .with_state(shared)

@@ -15,8 +15,9 @@ use super::body::{Reading, Subject};
 use crate::config::Config;
 use crate::core::CodeClass;
 use crate::core::stamp::Stamp;
+use crate::core::topic::{MAX_SHORT, truncated};
 use jiff::{SignedDuration, Timestamp};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Names come from the reports: a randomly seeded hasher (foldhash: fast on short keys,
 /// minimally DoS-resistant), since `record` does three lookups per report.
@@ -38,6 +39,11 @@ pub struct Settings {
     /// `users.<name>.interval`: for a source, its speedos everywhere and everything on its
     /// `xr_<source>`; for a client, its speedo on `xreport`.
     pub overrides: BTreeMap<String, Duration>,
+    /// The declared sources: only they get their own view on `xr_<source>`. A source name
+    /// that only a report states (a relPath, a header) is data, not an account of ours
+    /// (SPEC §2 "Names"): it counts in the admins' speedos under its name, and never
+    /// names an exchange.
+    pub views: BTreeSet<String>,
 }
 
 impl Settings {
@@ -51,6 +57,7 @@ impl Settings {
                 .values()
                 .filter_map(|u| Some((u.name.clone(), u.interval?)))
                 .collect(),
+            views: c.sources().map(|u| u.name.clone()).collect(),
         }
     }
 
@@ -183,7 +190,9 @@ impl Meter {
 #[derive(Debug, Clone)]
 struct SourceMeters {
     meter: Meter,
-    /// Per client, this source's products only.
+    /// A declared source, with its own view on `xr_<source>`.
+    view: bool,
+    /// Per client, this source's products only (only for a source with a view).
     clients: Map<Meter>,
 }
 
@@ -191,7 +200,7 @@ impl SourceMeters {
     #[inline]
     fn add(&mut self, s: &Sample<'_>, good: bool, now: Timestamp) {
         self.meter.add(good, s.bytes);
-        if s.source == UNKNOWN {
+        if !self.view {
             return;
         }
         match self.clients.get_mut(s.client) {
@@ -292,12 +301,21 @@ impl Speedometers {
 
     /// Counts one report. A 1xx (102 = started) or a code of no known class counts in
     /// nothing; returns whether it counted.
+    ///
+    /// Names are kept to their first 255 bytes (cut on a character boundary), as topics
+    /// and headers carry them: a name from a report can be any size, and two names that
+    /// only differ past that would otherwise publish different counts under one topic.
     pub fn record(&mut self, s: &Sample<'_>) -> bool {
         let class = CodeClass::of(s.code);
         let good = class.is_good();
         if !good && !class.is_error() {
             return false;
         }
+        let s = &Sample {
+            client: truncated(s.client, MAX_SHORT),
+            source: truncated(s.source, MAX_SHORT),
+            ..*s
+        };
         self.all.add(good, s.bytes);
         match self.clients.get_mut(s.client) {
             Some(m) => m.add(good, s.bytes),
@@ -312,6 +330,7 @@ impl Speedometers {
             None => {
                 let mut src = SourceMeters {
                     meter: Meter::new(self.schedule_for(s.source), self.clock),
+                    view: s.source != UNKNOWN && self.settings.views.contains(s.source),
                     clients: Map::default(),
                 };
                 src.add(s, good, self.clock);
@@ -392,7 +411,7 @@ impl Speedometers {
                 subject: Subject::Source(name.to_string()),
                 reading: r,
             });
-            if &**name == UNKNOWN {
+            if !src.view {
                 return true;
             }
             let target = Target::Source(name.to_string());
@@ -455,6 +474,10 @@ mod tests {
             all_interval: Duration::from_secs(1),
             expire: Duration::from_secs(3600),
             overrides: BTreeMap::new(),
+            views: ["radar", "sat", "s1", "s2", "s3"]
+                .into_iter()
+                .map(String::from)
+                .collect(),
         }
     }
 
@@ -611,6 +634,52 @@ mod tests {
         assert!(find(&out, &Target::Report, &source(UNKNOWN)).is_some());
         assert!(find(&out, &Target::Report, &client("cfs")).is_some());
         assert!(out.iter().all(|s| s.target == Target::Report));
+    }
+
+    #[test]
+    fn an_undeclared_source_counts_for_the_admins_only_and_never_names_an_exchange() {
+        let mut m = Speedometers::new(settings(), t(0.0));
+        let hostile = [
+            "<img src=x onerror=alert(1)>",
+            "evil\nsource",
+            "xr_radar",
+            "a.b.c",
+            "#",
+            "\u{202e}radar",
+        ];
+        for h in hostile {
+            rec(&mut m, "cfs", h, 201, 1);
+        }
+        rec(&mut m, "cfs", "radar", 201, 1);
+        let out = m.flush(t(5.0));
+        for h in hostile {
+            assert!(find(&out, &Target::Report, &source(h)).is_some(), "{h:?}");
+        }
+        let views: Vec<&Target> = out
+            .iter()
+            .map(|s| &s.target)
+            .filter(|t| **t != Target::Report)
+            .collect();
+        assert!(views.iter().all(|t| **t == xr("radar")), "{views:?}");
+        assert_eq!(
+            m.sizes(),
+            (1, 7, 1),
+            "no per-client meters for undeclared sources"
+        );
+    }
+
+    #[test]
+    fn names_are_kept_to_255_bytes() {
+        let mut m = Speedometers::new(settings(), t(0.0));
+        let long = "€".repeat(100); // 300 bytes
+        rec(&mut m, &long, &format!("{long}a"), 201, 1);
+        rec(&mut m, &format!("{long}b"), &long, 201, 1);
+        let out = m.flush(t(5.0));
+        let cut = &long[..255];
+        let r = find(&out, &Target::Report, &client(cut)).unwrap();
+        assert_eq!(r.good, 2, "one meter under the first 255 bytes");
+        assert_eq!(find(&out, &Target::Report, &source(cut)).unwrap().good, 2);
+        assert!(out.iter().all(|s| s.outgoing().routing_key.len() <= 255));
     }
 
     #[test]

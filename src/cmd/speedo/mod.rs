@@ -29,12 +29,14 @@ use crate::broker::names;
 use crate::broker::url::BrokerUrl;
 use crate::config::{Config as PumpConfig, Role};
 use crate::core::attribution::Attributor;
+use crate::core::emit::Outgoing;
 use crate::core::report::{self, Message, Report};
 use crate::core::text;
 use crate::shutdown::Shutdown;
 use jiff::{SignedDuration, Timestamp};
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -132,6 +134,9 @@ pub struct Summary {
     pub unheard: u64,
     /// Speedo messages not published or not confirmed.
     pub failed: u64,
+    /// Speedo messages sent again alone after their first confirm failed (the publish
+    /// channel closed under them); counted again in `published`, `unheard` or `failed`.
+    pub resent: u64,
 }
 
 impl fmt::Display for Summary {
@@ -139,7 +144,7 @@ impl fmt::Display for Summary {
         write!(
             f,
             "recorded {}, not counted {}, announcements {}, speedo/watchdog {}, malformed {}; \
-             speedos published {}, unheard {}, failed {}",
+             speedos published {}, unheard {}, failed {} (resent {})",
             self.recorded,
             self.not_counted,
             self.announcements,
@@ -147,7 +152,8 @@ impl fmt::Display for Summary {
             self.malformed,
             self.published,
             self.unheard,
-            self.failed
+            self.failed,
+            self.resent
         )
     }
 }
@@ -212,15 +218,48 @@ pub fn topology(cfg: &Config) -> Topology {
     t
 }
 
-/// Publishes speedos and hands their confirms to the settler.
+/// One speedo handed to the broker, with what it takes to send it again.
+struct Sent {
+    exchange: String,
+    msg: Outgoing,
+    confirm: PendingConfirm,
+}
+
+/// Exchanges speedo publishes to: only those of its topology (`xreport` and each declared
+/// source's `xr_<source>`), declared at start and after every reconnect. Never one named by
+/// a report (SPEC §2 "Names"); an exchange the broker refused (deleted and not
+/// re-creatable, no permission) is skipped from then on, so it cannot close the publish
+/// channel under everybody else's speedos every interval.
+#[derive(Debug, Default)]
+struct Exchanges {
+    known: HashSet<String>,
+    refused: std::sync::Mutex<HashSet<String>>,
+}
+
+impl Exchanges {
+    fn usable(&self, x: &str) -> bool {
+        self.known.contains(x)
+            && !self
+                .refused
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(x)
+    }
+
+    fn refuse(&self, x: &str) {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(x.to_owned());
+    }
+}
+
+/// Publishes speedos and hands them, with their confirms, to the settler.
 struct Publisher {
     client: Client,
     report_exchange: String,
-    /// `xr_<source>` exchanges known to exist; others are declared before the first use.
-    declared: HashSet<String>,
-    /// Sources whose exchange could not be declared (e.g. no permission): skipped.
-    refused: HashSet<String>,
-    confirms: mpsc::Sender<PendingConfirm>,
+    exchanges: Arc<Exchanges>,
+    confirms: mpsc::Sender<Sent>,
     failed: u64,
 }
 
@@ -232,33 +271,20 @@ impl Publisher {
         for (i, s) in speedos.into_iter().enumerate() {
             let exchange = match &s.target {
                 Target::Report => self.report_exchange.clone(),
-                Target::Source(src) => {
-                    let x = names::source_exchange(src);
-                    if self.refused.contains(&x) {
-                        continue;
-                    }
-                    if !self.declared.contains(&x) {
-                        let t = Topology {
-                            exchanges: vec![ExchangeDecl::topic(&x)],
-                            ..Topology::default()
-                        };
-                        if let Err(e) = self.client.declare(&t).await {
-                            if e.is_transient() {
-                                self.failed += (n - i) as u64;
-                                return;
-                            }
-                            tracing::warn!("cannot declare {x}, its speedos are skipped: {e}");
-                            self.refused.insert(x);
-                            continue;
-                        }
-                        self.declared.insert(x.clone());
-                    }
-                    x
-                }
+                Target::Source(src) => names::source_exchange(src),
             };
-            match self.client.publish(&exchange, &s.outgoing()).await {
-                Ok(p) => {
-                    if self.confirms.send(p).await.is_err() {
+            if !self.exchanges.usable(&exchange) {
+                continue;
+            }
+            let msg = s.outgoing();
+            match self.client.publish(&exchange, &msg).await {
+                Ok(confirm) => {
+                    let sent = Sent {
+                        exchange,
+                        msg,
+                        confirm,
+                    };
+                    if self.confirms.send(sent).await.is_err() {
                         return;
                     }
                 }
@@ -276,22 +302,99 @@ impl Publisher {
     }
 }
 
-/// Awaits each confirm in order: (published, unheard, failed).
-async fn settle(mut rx: mpsc::Receiver<PendingConfirm>) -> (u64, u64, u64) {
-    let (mut ok, mut unheard, mut failed) = (0, 0, 0);
-    while let Some(p) = rx.recv().await {
-        match p.wait().await {
-            Ok(()) => ok += 1,
+/// What the settler saw.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Settled {
+    ok: u64,
+    unheard: u64,
+    failed: u64,
+    /// Published again, one at a time, after their first confirm failed.
+    retried: u64,
+}
+
+/// Awaits each confirm in order. A publish the broker refuses (an exchange deleted under
+/// speedo) closes the publish channel, and with it every publish sent behind it before
+/// the close arrived: so a speedo whose confirm failed while the connection is up is sent
+/// again **alone**, its confirm awaited before the next, and only a speedo that fails
+/// alone is the culprit. Its exchange is declared again (it is one of speedo's own) and,
+/// if that is refused too, skipped from then on. One bad exchange never costs the others
+/// their speedos.
+async fn settle(
+    client: Client,
+    exchanges: Arc<Exchanges>,
+    mut rx: mpsc::Receiver<Sent>,
+) -> Settled {
+    let mut n = Settled::default();
+    while let Some(sent) = rx.recv().await {
+        let Sent {
+            exchange,
+            msg,
+            confirm,
+        } = sent;
+        match confirm.wait().await {
+            Ok(()) => n.ok += 1,
             // Nobody listens on that exchange (yet): a speedo is a reading, not a record.
-            Err(AmqpError::Unroutable { .. }) => unheard += 1,
-            Err(e) => {
-                tracing::debug!("speedo not confirmed: {e}");
-                failed += 1;
+            Err(AmqpError::Unroutable { .. }) => n.unheard += 1,
+            Err(e) if !client.is_connected() => {
+                tracing::debug!("speedo not confirmed (connection lost): {e}");
+                n.failed += 1;
+            }
+            Err(first) => {
+                n.retried += 1;
+                match resend(&client, &exchanges, &exchange, &msg).await {
+                    Ok(()) => n.ok += 1,
+                    Err(AmqpError::Unroutable { .. }) => n.unheard += 1,
+                    Err(e) => {
+                        tracing::debug!(
+                            "speedo to {exchange} not confirmed ({first}), nor sent again alone: {e}"
+                        );
+                        n.failed += 1;
+                    }
+                }
             }
         }
     }
-    (ok, unheard, failed)
+    n
 }
+
+/// Sends one speedo alone and waits for its confirm (bounded). A refused exchange is
+/// declared again once; refused again, it is skipped from then on.
+async fn resend(
+    client: &Client,
+    exchanges: &Exchanges,
+    exchange: &str,
+    msg: &Outgoing,
+) -> Result<(), AmqpError> {
+    let once = async { client.publish(exchange, msg).await?.wait().await };
+    let first = match tokio::time::timeout(RESEND_WAIT, once).await {
+        Ok(r) => r,
+        Err(_) => return Err(AmqpError::Closed("no confirm in time".into())),
+    };
+    match first {
+        Err(AmqpError::NotFound(_) | AmqpError::AccessRefused(_)) => {}
+        other => return other,
+    }
+    let t = Topology {
+        exchanges: vec![ExchangeDecl::topic(exchange)],
+        ..Topology::default()
+    };
+    let again = async {
+        client.declare(&t).await?;
+        client.publish(exchange, msg).await?.wait().await
+    };
+    let r = match tokio::time::timeout(RESEND_WAIT, again).await {
+        Ok(r) => r,
+        Err(_) => Err(AmqpError::Closed("no confirm in time".into())),
+    };
+    if let Err(e @ (AmqpError::NotFound(_) | AmqpError::AccessRefused(_))) = &r {
+        tracing::warn!("the broker refuses speedos to {exchange}; skipping it from now on: {e}");
+        exchanges.refuse(exchange);
+    }
+    r
+}
+
+/// How long sending one speedo again may take.
+const RESEND_WAIT: Duration = Duration::from_secs(5);
 
 /// [`run`], returning what it did: runs until `shutdown`; then stops consuming, publishes
 /// a last speedo for every meter (bounded by `cfg.drain`).
@@ -314,16 +417,19 @@ pub async fn run_counting(cfg: Config, shutdown: Shutdown) -> Result<Summary, Er
     let mut meters = Speedometers::new(cfg.settings.clone(), clock.now());
     let attributor = cfg.pump.attributor();
     let (tx, rx) = mpsc::channel(4096);
-    let settler = tokio::spawn(settle(rx));
-    let mut publisher = Publisher {
-        client: client.clone(),
-        report_exchange: cfg.pump.exchanges.report.clone(),
-        declared: topology(&cfg)
+    let exchanges = Arc::new(Exchanges {
+        known: topology(&cfg)
             .exchanges
             .into_iter()
             .map(|x| x.name)
             .collect(),
-        refused: HashSet::new(),
+        refused: Default::default(),
+    });
+    let settler = tokio::spawn(settle(client.clone(), exchanges.clone(), rx));
+    let mut publisher = Publisher {
+        client: client.clone(),
+        report_exchange: cfg.pump.exchanges.report.clone(),
+        exchanges,
         confirms: tx,
         failed: 0,
     };
@@ -391,10 +497,11 @@ pub async fn run_counting(cfg: Config, shutdown: Shutdown) -> Result<Summary, Er
     drop(publisher);
     let mut result = result;
     match tokio::time::timeout_at(deadline, settler).await {
-        Ok(Ok((ok, unheard, failed))) => {
-            summary.published = ok;
-            summary.unheard = unheard;
-            summary.failed += failed;
+        Ok(Ok(n)) => {
+            summary.published = n.ok;
+            summary.unheard = n.unheard;
+            summary.failed += n.failed;
+            summary.resent = n.retried;
         }
         Ok(Err(e)) => {
             result = result.and(Err(Error::from_join("speedo's confirm task", e)));
