@@ -15,6 +15,7 @@ pub mod report;
 pub mod stamp;
 pub mod text;
 pub mod topic;
+pub mod watchdog;
 
 pub use code::{CodeClass, CodeRange};
 pub use headers::{HeaderValue, Headers};
