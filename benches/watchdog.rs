@@ -115,7 +115,11 @@ fn blank() -> Report {
 fn fill(r: &mut Report, n: &Names, rng: &mut SmallRng, i: usize, pub_base: i64) {
     let source = &n.sources[i % SOURCES];
     let radar = (i / SOURCES) % RADARS;
-    r.format = if i.is_multiple_of(3) { Format::V03 } else { Format::V02 };
+    r.format = if i.is_multiple_of(3) {
+        Format::V03
+    } else {
+        Format::V02
+    };
     r.host = Some(n.hosts[i % HOSTS].clone());
     r.user = Some(n.clients[i % CLIENTS].clone());
     r.source = Some(source.clone());

@@ -59,7 +59,9 @@ fn method_code(m: &str) -> u8 {
 }
 
 fn is_lower_hex(v: &str) -> bool {
-    v.len() >= 2 && v.len().is_multiple_of(2) && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    v.len() >= 2
+        && v.len().is_multiple_of(2)
+        && v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 fn hex_val(b: u8) -> u8 {
@@ -88,8 +90,13 @@ fn compact_value(v: &str) -> (u8, Vec<u8>) {
     (RAW, v.as_bytes().to_vec())
 }
 
-/// Packs the unshared fields of one transfer.
-pub(super) fn encode(tail: &str, identity: Option<&Identity>, size: Option<u64>) -> Box<[u8]> {
+/// Packs the unshared fields of one transfer into `out` (cleared first).
+pub(super) fn encode(
+    out: &mut Vec<u8>,
+    tail: &str,
+    identity: Option<&Identity>,
+    size: Option<u64>,
+) {
     let (code, enc, value) = match identity {
         Some(id) => {
             let (enc, value) = compact_value(&id.value);
@@ -97,22 +104,21 @@ pub(super) fn encode(tail: &str, identity: Option<&Identity>, size: Option<u64>)
         }
         None => (NONE, RAW, Vec::new()),
     };
-    let mut out = Vec::with_capacity(4 + tail.len() + value.len() + 12);
+    out.clear();
     out.push(code);
     out.push(enc | if size.is_some() { HAS_SIZE } else { 0 });
     if let Some(s) = size {
-        put_varint(&mut out, s);
+        put_varint(out, s);
     }
-    put_varint(&mut out, tail.len() as u64);
+    put_varint(out, tail.len() as u64);
     out.extend_from_slice(tail.as_bytes());
     if code == CUSTOM
         && let Some(id) = identity
     {
-        put_varint(&mut out, id.method.len() as u64);
+        put_varint(out, id.method.len() as u64);
         out.extend_from_slice(id.method.as_bytes());
     }
     out.extend_from_slice(&value);
-    out.into_boxed_slice()
 }
 
 /// A blob taken apart (borrowing from it).
@@ -218,6 +224,12 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn enc(tail: &str, identity: Option<&Identity>, size: Option<u64>) -> Vec<u8> {
+        let mut out = vec![1, 2, 3];
+        encode(&mut out, tail, identity, size);
+        out
+    }
+
     fn id(m: &str, v: &str) -> Identity {
         Identity {
             method: m.into(),
@@ -228,7 +240,7 @@ mod tests {
     #[test]
     fn sha512_base64_is_kept_in_64_bytes() {
         let v = STANDARD.encode([7u8; 64]);
-        let b = encode("file.gif", Some(&id("sha512", &v)), Some(12345));
+        let b = enc("file.gif", Some(&id("sha512", &v)), Some(12345));
         assert!(b.len() <= 2 + 2 + 1 + 8 + 64, "{}", b.len());
         let p = parts(&b);
         assert_eq!(p.tail, "file.gif");
@@ -247,21 +259,21 @@ mod tests {
             id("weird,method", "not base64!"),
             id("", ""),
         ] {
-            let b = encode("d/", Some(&i), None);
+            let b = enc("d/", Some(&i), None);
             let p = parts(&b);
             assert_eq!(p.identity(), Some(i.clone()));
             assert_eq!(p.tail, "d/");
             assert_eq!(p.name(), "d");
             assert!(p.identity_is(Some(&i)));
         }
-        assert_eq!(parts(&encode("x", None, None)).identity(), None);
+        assert_eq!(parts(&enc("x", None, None)).identity(), None);
     }
 
     proptest! {
         #[test]
         fn round_trip(tail in ".{0,40}", m in ".{0,12}", v in ".{0,100}", size in proptest::option::of(any::<u64>())) {
             let i = id(&m, &v);
-            let b = encode(&tail, Some(&i), size);
+            let b = enc(&tail, Some(&i), size);
             let p = parts(&b);
             prop_assert_eq!(p.tail, tail.as_str());
             prop_assert_eq!(p.size, size);

@@ -1,10 +1,11 @@
 //! The state and its rules. Memory is the constraint (a million open transfers in about
-//! 150 bytes each), so a transfer is a fixed 56-byte [`Slot`] in one vector plus one small
-//! allocation ([`blob`]): strings shared between transfers are interned, the directory of
-//! the relPath included. Slots are chained oldest first, so eviction, expiry and the stuck
+//! 150 bytes each), so a transfer is a fixed 40-byte [`Slot`] in one vector plus a cell in
+//! the [`Arena`] for what is its own ([`blob`]); what transfers share is interned: the
+//! (node, client) pair and the origin (base URL, directory of the relPath, source...). Slots are chained oldest first, so eviction, expiry and the stuck
 //! scan walk from the front and touch only what they act on; failure detection walks the
 //! whole chain, but only in a tick where some node fails.
 
+use super::arena::{Arena, cell_size};
 use super::blob;
 use super::index::{Index, MAX_SLOTS};
 use super::intern::{FpMap, Interner};
@@ -57,13 +58,15 @@ pub(super) struct Slot {
     pub(super) pub_ms: i64,
     pub(super) prev: u32,
     pub(super) next: u32,
-    pub(super) node: u32,
-    pub(super) client: u32,
+    /// The interned (node, client).
+    pub(super) pair: u32,
     pub(super) origin: u32,
+    /// The blob's cell in the arena and its length.
+    pub(super) cell: u32,
+    pub(super) blob_len: u16,
     pub(super) flags: u8,
     /// Index in [`FORMATS`].
     pub(super) format: u8,
-    pub(super) blob: Box<[u8]>,
 }
 
 impl Slot {
@@ -74,14 +77,20 @@ impl Slot {
             pub_ms: 0,
             prev: NIL,
             next: NIL,
-            node: 0,
-            client: 0,
+            pair: 0,
             origin: 0,
+            cell: 0,
+            blob_len: 0,
             flags: 0,
             format: 0,
-            blob: Box::default(),
         }
     }
+}
+
+/// A client on a node: what a transfer belongs to.
+pub(super) struct Pair {
+    pub(super) node: u32,
+    pub(super) client: Box<str>,
 }
 
 /// What transfers share besides host and client: where the product is and whose it is.
@@ -268,7 +277,7 @@ pub(super) fn transfer_id(generation: u32, slot: u32) -> u64 {
 }
 
 fn group_hash(h: &foldhash::quality::RandomState, t: &Slot) -> u64 {
-    h.hash_one((t.node, t.client, t.pub_ms))
+    h.hash_one((t.pair, t.pub_ms))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -301,7 +310,8 @@ pub(super) struct NewTransfer<'a> {
     pub(super) node: u32,
     pub(super) client: &'a str,
     pub(super) origin: OriginRef<'a>,
-    pub(super) blob: Box<[u8]>,
+    /// From [`blob::encode`].
+    pub(super) blob: &'a [u8],
     pub(super) pub_ms: i64,
     pub(super) format: u8,
     pub(super) started: u32,
@@ -325,12 +335,17 @@ pub struct Watchdog {
     pub(super) len: usize,
     index: Index,
     pub(super) nodes: Interner<Node>,
-    pub(super) clients: Interner<Box<str>>,
+    pub(super) pairs: Interner<Pair>,
     pub(super) origins: Interner<Origin>,
+    arena: Arena,
+    /// Reused to encode blobs without allocating.
+    scratch: Vec<u8>,
     orphans: Orphans,
     pub(super) totals: Counts,
-    /// Blob and interned-string bytes.
+    /// Blob cell and interned-string bytes.
     bytes: usize,
+    /// Of which blob cells (the arena's pages count instead in `memory`).
+    arena_cells: usize,
     pending: Vec<Event>,
     pub(super) dirty: Vec<u32>,
     pub(super) removed: Vec<u64>,
@@ -353,14 +368,17 @@ impl Watchdog {
             len: 0,
             index: Index::new(),
             nodes: Interner::new(),
-            clients: Interner::new(),
+            pairs: Interner::new(),
             origins: Interner::new(),
+            arena: Arena::default(),
+            scratch: Vec::new(),
             orphans: Orphans {
                 map: FpMap::default(),
                 order: VecDeque::new(),
             },
             totals: Counts::default(),
             bytes: 0,
+            arena_cells: 0,
             pending: Vec::new(),
             dirty: Vec::new(),
             removed: Vec::new(),
@@ -402,6 +420,21 @@ impl Watchdog {
         g
     }
 
+    /// The node a transfer belongs to.
+    pub(super) fn node_of(&self, t: &Slot) -> u32 {
+        self.pairs.get(t.pair).map_or(NIL, |p| p.node)
+    }
+
+    pub(super) fn blob_of(&self, t: &Slot) -> &[u8] {
+        self.arena.get(t.blob_len, t.cell)
+    }
+
+    fn find_pair(&self, node: u32, client: &str) -> Option<u32> {
+        self.pairs.find(self.hasher.hash_one((node, client)), |p| {
+            p.node == node && &*p.client == client
+        })
+    }
+
     /// Approximate bytes held: what `max_bytes` limits.
     fn cost(&self) -> usize {
         self.bytes + self.len * FIXED
@@ -409,7 +442,8 @@ impl Watchdog {
 
     /// Approximate bytes held including spare capacity.
     pub(super) fn memory(&self) -> usize {
-        self.bytes
+        self.bytes.saturating_sub(self.arena_cells)
+            + self.arena.heap_bytes()
             + self.slots.capacity() * std::mem::size_of::<Slot>()
             + self.index.heap_bytes()
             + self.free.capacity() * 4
@@ -535,15 +569,15 @@ impl Watchdog {
         self.touch_node(node);
     }
 
-    fn lookup(&self, k: &Key<'_>, client: u32) -> Lookup {
-        let h = self.hasher.hash_one((k.node, client, k.pub_ms));
-        let slots = &self.slots;
+    fn lookup(&self, k: &Key<'_>, pair: u32) -> Lookup {
+        let h = self.hasher.hash_one((pair, k.pub_ms));
+        let (slots, arena) = (&self.slots, &self.arena);
         let (mut group, mut oldest, mut by_identity) = (0, NIL, None);
         let by_name = self.index.find(h, |s| {
             let Some(t) = slots.get(s as usize) else {
                 return false;
             };
-            if t.node != k.node || t.client != client || t.pub_ms != k.pub_ms {
+            if t.pair != pair || t.pub_ms != k.pub_ms {
                 return false;
             }
             group += 1;
@@ -554,7 +588,7 @@ impl Watchdog {
             {
                 oldest = s;
             }
-            let p = blob::parts(&t.blob);
+            let p = blob::parts(arena.get(t.blob_len, t.cell));
             if p.name() == k.name {
                 return true;
             }
@@ -583,11 +617,8 @@ impl Watchdog {
 
     fn start(&mut self, k: &Key<'_>, r: &Report, now_ms: i64) -> Outcome {
         let mut group = (0, NIL);
-        if let Some(cid) = self
-            .clients
-            .find(self.fp(1, k.client), |c| &**c == k.client)
-        {
-            let l = self.lookup(k, cid);
+        if let Some(pair) = self.find_pair(k.node, k.client) {
+            let l = self.lookup(k, pair);
             if l.found.is_some() {
                 self.count(k.node, |c| c.duplicates += 1);
                 return Outcome::Duplicate;
@@ -620,26 +651,27 @@ impl Watchdog {
             self.remove(group.1, Removal::Evicted);
         }
         let format = FORMATS.iter().position(|f| *f == r.format).unwrap_or(1) as u8;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        blob::encode(&mut scratch, tail, r.identity.as_ref(), r.size_bytes);
         self.open(NewTransfer {
             node: k.node,
             client: k.client,
             origin,
-            blob: blob::encode(tail, r.identity.as_ref(), r.size_bytes),
+            blob: &scratch,
             pub_ms: k.pub_ms,
             format,
             started: started_of(now_ms),
             flags: 0,
             place: None,
         });
+        self.scratch = scratch;
         self.count(k.node, |c| c.opened += 1);
         Outcome::Opened
     }
 
     fn finish(&mut self, k: &Key<'_>, now_ms: i64) -> Outcome {
-        if let Some(cid) = self
-            .clients
-            .find(self.fp(1, k.client), |c| &**c == k.client)
-            && let Some(s) = self.lookup(k, cid).found
+        if let Some(pair) = self.find_pair(k.node, k.client)
+            && let Some(s) = self.lookup(k, pair).found
         {
             self.remove(s, Removal::Closed);
             return Outcome::Closed;
@@ -654,12 +686,17 @@ impl Watchdog {
     /// Stores a transfer, evicting the oldest first when full. Returns its slot.
     pub(super) fn open(&mut self, t: NewTransfer<'_>) -> u32 {
         // Take the references before evicting: an eviction may drop the last other user.
-        let client_fp = self.fp(1, t.client);
-        let (client, new) =
-            self.clients
-                .acquire(client_fp, |c| &**c == t.client, || t.client.into());
+        let (node, client) = (t.node, t.client);
+        let (pair, new) = self.pairs.acquire(
+            self.hasher.hash_one((node, client)),
+            |p| p.node == node && &*p.client == client,
+            || Pair {
+                node,
+                client: client.into(),
+            },
+        );
         if new {
-            self.bytes += t.client.len() + 16;
+            self.bytes += client.len() + std::mem::size_of::<Pair>();
         }
         let origin_fp = self.hasher.hash_one(&t.origin);
         let (origin, new) =
@@ -668,14 +705,19 @@ impl Watchdog {
         if new && let Some(o) = self.origins.get(origin) {
             self.bytes += o.heap_bytes();
         }
+        // Blobs are shorter than 3 KB (the field limits), so their length fits a u16.
+        let blob = &t.blob[..t.blob.len().min(usize::from(u16::MAX))];
+        let cell = cell_size(blob.len());
         let max = self.settings.max_inflight.clamp(1, MAX_SLOTS - 1);
         while self.head != NIL
-            && (self.len >= max || self.cost() + t.blob.len() + FIXED > self.settings.max_bytes)
+            && (self.len >= max || self.cost() + cell + FIXED > self.settings.max_bytes)
         {
             self.remove(self.head, Removal::Evicted);
         }
         let s = self.alloc(t.place);
-        self.bytes += t.blob.len();
+        self.bytes += cell;
+        self.arena_cells += cell;
+        let blob_cell = self.arena.alloc(blob);
         let mut flags = USED | (t.flags & (FAILED | STUCK | PERSISTED));
         if flags & FAILED != 0 {
             flags &= !STUCK;
@@ -689,12 +731,12 @@ impl Watchdog {
         slot.pub_ms = t.pub_ms;
         slot.prev = tail;
         slot.next = NIL;
-        slot.node = t.node;
-        slot.client = client;
+        slot.pair = pair;
         slot.origin = origin;
+        slot.cell = blob_cell;
+        slot.blob_len = blob.len() as u16;
         slot.flags = flags;
         slot.format = t.format;
-        slot.blob = t.blob;
         if tail != NIL {
             self.slots[tail as usize].next = s;
         } else {
@@ -750,8 +792,9 @@ impl Watchdog {
         if t.flags & USED == 0 {
             return;
         }
-        let (node, client, origin, flags) = (t.node, t.client, t.origin, t.flags);
+        let (node, pair, origin, flags) = (self.node_of(t), t.pair, t.origin, t.flags);
         let (prev, next, generation) = (t.prev, t.next, t.generation);
+        let (blob_len, blob_cell) = (t.blob_len, t.cell);
         let h = group_hash(&self.hasher, t);
         let (slots, hasher) = (&self.slots, &self.hasher);
         self.index
@@ -783,20 +826,23 @@ impl Watchdog {
             Removal::Evicted => c.evicted += 1,
             Removal::Expired => c.expired += 1,
         });
-        if let Some(c) = self.clients.release(client) {
-            self.bytes = self.bytes.saturating_sub(c.len() + 16);
+        if let Some(p) = self.pairs.release(pair) {
+            let freed = p.client.len() + std::mem::size_of::<Pair>();
+            self.bytes = self.bytes.saturating_sub(freed);
         }
         if let Some(o) = self.origins.release(origin) {
             self.bytes = self.bytes.saturating_sub(o.heap_bytes());
         }
-        let t = &mut self.slots[s as usize];
-        self.bytes = self.bytes.saturating_sub(t.blob.len());
+        self.arena.free(blob_len, blob_cell);
+        let cell = cell_size(usize::from(blob_len));
+        self.bytes = self.bytes.saturating_sub(cell);
+        self.arena_cells = self.arena_cells.saturating_sub(cell);
         if flags & PERSISTED != 0 {
             self.removed.push(transfer_id(generation, s));
         }
+        let t = &mut self.slots[s as usize];
         t.flags = 0;
         t.generation = generation.wrapping_add(1);
-        t.blob = Box::default();
         self.free.push(s);
         self.len -= 1;
     }
@@ -822,7 +868,7 @@ impl Watchdog {
         let mut s = self.head;
         while let Some(t) = self.slots.get(s as usize) {
             if t.flags & FAILED == 0
-                && let Some(&i) = pos.get(&t.node)
+                && let Some(&i) = pos.get(&self.node_of(t))
             {
                 lists[i].push(s);
             }
@@ -863,7 +909,7 @@ impl Watchdog {
             if started_ms(t.started).saturating_add(after) > now_ms {
                 break;
             }
-            let (s, node) = (self.frontier, t.node);
+            let (s, node) = (self.frontier, self.node_of(t));
             self.frontier = t.next;
             if t.flags & (FAILED | STUCK) != 0 {
                 continue;
@@ -933,16 +979,20 @@ impl Watchdog {
         let Some(t) = self.slots.get(s as usize) else {
             return TransferRow::default();
         };
-        let p = blob::parts(&t.blob);
+        let p = blob::parts(self.blob_of(t));
         let o = self.origins.get(t.origin);
+        let pair = self.pairs.get(t.pair);
         let text = |f: fn(&Origin) -> Option<&str>| o.and_then(f).map(str::to_owned);
         let mut rel_path = String::with_capacity(p.tail.len() + o.map_or(0, |o| o.dir.len()));
         rel_path.push_str(o.map_or("", |o| &o.dir));
         rel_path.push_str(p.tail);
         TransferRow {
             id: transfer_id(t.generation, s),
-            host: self.nodes.get(t.node).map_or("", |n| &n.name).to_owned(),
-            client: self.clients.get(t.client).map_or("", |c| c).to_owned(),
+            host: pair
+                .and_then(|p| self.nodes.get(p.node))
+                .map_or("", |n| &n.name)
+                .to_owned(),
+            client: pair.map_or("", |p| &p.client).to_owned(),
             format: FORMATS
                 .get(usize::from(t.format))
                 .copied()
@@ -996,7 +1046,7 @@ impl Watchdog {
             if self.index.find(h, |x| x == s).is_none() {
                 return Err(format!("slot {s} not in the index"));
             }
-            let e = per_node.entry(t.node).or_default();
+            let e = per_node.entry(self.node_of(t)).or_default();
             e.0 += 1;
             e.1 += u64::from(t.flags & FAILED == 0);
             e.2 += u64::from(t.flags & STUCK != 0);

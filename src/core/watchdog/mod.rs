@@ -22,6 +22,7 @@
 //! file name and the identity survive; pubTime is part of both so that the same file
 //! announced again later is a new product.
 
+mod arena;
 mod blob;
 mod index;
 mod intern;

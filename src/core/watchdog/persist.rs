@@ -301,11 +301,13 @@ impl Watchdog {
             .iter()
             .position(|f| *f == row.format)
             .unwrap_or(1) as u8;
+        let mut scratch = Vec::new();
+        blob::encode(&mut scratch, tail, row.identity.as_ref(), row.size);
         self.open(NewTransfer {
             node,
             client: &row.client,
             origin,
-            blob: blob::encode(tail, row.identity.as_ref(), row.size),
+            blob: &scratch,
             pub_ms: pub_ms_of(row.pub_time),
             format,
             started: started_of(started_ms),

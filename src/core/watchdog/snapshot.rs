@@ -141,11 +141,12 @@ impl Watchdog {
         let mut transfers = Vec::new();
         let mut matched = 0u64;
         for (s, t) in self.chain() {
-            if wanted.is_some_and(|n| n != t.node) {
+            let node = self.node_of(t);
+            if wanted.is_some_and(|n| n != node) {
                 continue;
             }
             let started = started_ms(t.started);
-            let e = oldest.entry(t.node).or_insert(started);
+            let e = oldest.entry(node).or_insert(started);
             *e = (*e).min(started);
             if now_ms.saturating_sub(started) < min_age {
                 continue;

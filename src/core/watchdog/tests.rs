@@ -892,3 +892,9 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_slot_stays_small() {
+    // The memory figures of the benchmark depend on it.
+    assert_eq!(std::mem::size_of::<machine::Slot>(), 40);
+}
