@@ -71,23 +71,31 @@ fn hex_val(b: u8) -> u8 {
     }
 }
 
-/// The identity value in its most compact exact form: (encoding, bytes).
-fn compact_value(v: &str) -> (u8, Vec<u8>) {
+/// Appends the identity value to `out` in its most compact exact form; returns the
+/// encoding. Runs for every 102, so it does not allocate.
+fn compact_value(v: &str, out: &mut Vec<u8>) -> u8 {
     if is_lower_hex(v) {
         let b = v.as_bytes();
-        let bytes = b
-            .chunks_exact(2)
-            .map(|p| (hex_val(p[0]) << 4) | hex_val(p[1]))
-            .collect();
-        return (HEX, bytes);
+        out.extend(
+            b.chunks_exact(2)
+                .map(|p| (hex_val(p[0]) << 4) | hex_val(p[1])),
+        );
+        return HEX;
     }
-    if v.len() >= 4
-        && let Ok(bytes) = STANDARD.decode(v)
-        && STANDARD.encode(&bytes) == v
-    {
-        return (BASE64, bytes);
+    let start = out.len();
+    if (4..=1024).contains(&v.len()) && STANDARD.decode_vec(v, out).is_ok() {
+        // Kept decoded only if it encodes back to exactly what was received.
+        let mut again = [0u8; 1024];
+        if STANDARD
+            .encode_slice(&out[start..], &mut again)
+            .is_ok_and(|n| &again[..n] == v.as_bytes())
+        {
+            return BASE64;
+        }
     }
-    (RAW, v.as_bytes().to_vec())
+    out.truncate(start);
+    out.extend_from_slice(v.as_bytes());
+    RAW
 }
 
 /// Packs the unshared fields of one transfer into `out` (cleared first).
@@ -97,16 +105,10 @@ pub(super) fn encode(
     identity: Option<&Identity>,
     size: Option<u64>,
 ) {
-    let (code, enc, value) = match identity {
-        Some(id) => {
-            let (enc, value) = compact_value(&id.value);
-            (method_code(&id.method), enc, value)
-        }
-        None => (NONE, RAW, Vec::new()),
-    };
+    let code = identity.map_or(NONE, |id| method_code(&id.method));
     out.clear();
     out.push(code);
-    out.push(enc | if size.is_some() { HAS_SIZE } else { 0 });
+    out.push(if size.is_some() { HAS_SIZE } else { 0 });
     if let Some(s) = size {
         put_varint(out, s);
     }
@@ -118,7 +120,10 @@ pub(super) fn encode(
         put_varint(out, id.method.len() as u64);
         out.extend_from_slice(id.method.as_bytes());
     }
-    out.extend_from_slice(&value);
+    if let Some(id) = identity {
+        let enc = compact_value(&id.value, out);
+        out[1] |= enc;
+    }
 }
 
 /// A blob taken apart (borrowing from it).
@@ -209,7 +214,8 @@ impl Parts<'_> {
         if self.code == NONE || self.method != id.method {
             return false;
         }
-        let (enc, value) = compact_value(&id.value);
+        let mut value = Vec::with_capacity(self.value.len());
+        let enc = compact_value(&id.value, &mut value);
         enc == self.enc && value == self.value
     }
 

@@ -274,20 +274,22 @@ impl Watchdog {
         } else {
             None
         };
+        // A row whose id another row kept (a duplicate id) must not delete it.
+        let held = !keep_id
+            && self
+                .slots
+                .get(slot as usize)
+                .is_some_and(|t| t.flags & USED != 0 && t.generation == generation);
         let Some(node) = node else {
             rep.rejected += 1;
-            self.removed.push(row.id);
+            if !held {
+                self.removed.push(row.id);
+            }
             return None;
         };
         let mut flags = if keep_id { PERSISTED } else { 0 };
         if !keep_id {
             rep.renumbered += 1;
-            // The old id is deleted from the store, unless another row kept it (a
-            // duplicate id).
-            let held = self
-                .slots
-                .get(slot as usize)
-                .is_some_and(|t| t.flags & USED != 0 && t.generation == generation);
             if !held {
                 self.removed.push(row.id);
             }
