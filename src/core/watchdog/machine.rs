@@ -1,9 +1,12 @@
 //! The state and its rules. Memory is the constraint (a million open transfers in about
 //! 150 bytes each), so a transfer is a fixed 40-byte [`Slot`] in one vector plus a cell in
-//! the [`Arena`] for what is its own ([`blob`]); what transfers share is interned: the
-//! (node, client) pair and the origin (base URL, directory of the relPath, source...). Slots are chained oldest first, so eviction, expiry and the stuck
-//! scan walk from the front and touch only what they act on; failure detection walks the
-//! whole chain, but only in a tick where some node fails.
+//! the [`Arena`] for what is its own ([`blob`]: file name, size, identity); what transfers
+//! share is interned: the (node, client) pair and the origin (base URL, directory of the
+//! relPath, source, clusters, flow).
+//!
+//! Slots are chained oldest first, so eviction, expiry and the stuck scan walk from the
+//! front and touch only what they act on; failure detection walks the whole chain, but
+//! only in a tick where some node fails.
 
 use super::arena::{Arena, cell_size};
 use super::blob;
