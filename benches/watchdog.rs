@@ -7,6 +7,8 @@
 //! with a counting allocator, and the growth of the resident set for comparison (which
 //! adds the allocator's own overhead).
 //!
+//! The client is passed as the report states it (the daemon asks the pump's `Attributor`).
+//!
 //! `cargo bench --bench watchdog`
 
 use base64::Engine;
@@ -158,7 +160,7 @@ fn memory_report(n: &Names) -> Watchdog {
     let mut w = Watchdog::new(settings());
     for i in 0..OPEN {
         fill(&mut r, n, &mut rng, i, 1_718_400_000);
-        w.record(&r, t0());
+        w.record(&r, r.user.as_deref(), t0());
     }
     let live = LIVE.load(Ordering::Relaxed) - before;
     let rss = rss_kb()
@@ -201,9 +203,9 @@ fn run(w: &mut Watchdog, b: &mut [Report], clock: &mut Clock) {
     for k in 0..PRODUCTS {
         let end = (k + PRODUCTS - LAG) % PRODUCTS;
         b[k].code = 102;
-        black_box(w.record(&b[k], clock.now));
+        black_box(w.record(&b[k], b[k].user.as_deref(), clock.now));
         b[end].code = if end.is_multiple_of(10) { 499 } else { 201 };
-        black_box(w.record(&b[end], clock.now));
+        black_box(w.record(&b[end], b[end].user.as_deref(), clock.now));
         clock.events += 2;
         // As if 500 000 events/s arrived.
         clock.now += Duration::from_micros(4);
@@ -216,7 +218,7 @@ fn run(w: &mut Watchdog, b: &mut [Report], clock: &mut Clock) {
 fn warm(w: &mut Watchdog, b: &mut [Report], clock: &mut Clock) {
     for r in &mut b[PRODUCTS - LAG..] {
         r.code = 102;
-        w.record(r, clock.now);
+        w.record(r, r.user.as_deref(), clock.now);
     }
 }
 

@@ -17,7 +17,6 @@ use super::{
     Counts, Event, Failure, Gauges, Ignored, MAX_FIELD, MAX_GROUP, MAX_IDENTITY, MAX_NAME, Outcome,
     Recovery, STUCK_SAMPLE, Settings, Stuck, UNKNOWN,
 };
-use crate::core::attribution::client_of;
 use crate::core::report::{Format, Identity, Report};
 use crate::core::stamp::Stamp;
 use jiff::Timestamp;
@@ -452,11 +451,13 @@ impl Watchdog {
             + self.free.capacity() * 4
     }
 
-    /// Takes one report seen at `now`. Any code is a sign of life of the report's host;
-    /// 102 opens a transfer, a final (>= 200) closes one.
-    pub fn record(&mut self, r: &Report, now: Timestamp) -> Outcome {
+    /// Takes one report seen at `now`, from `client` as the pump's
+    /// [`Attributor::client`](crate::core::attribution::Attributor::client) tells it. Any
+    /// code is a sign of life of the report's host; 102 opens a transfer, a final (>= 200)
+    /// closes one.
+    pub fn record(&mut self, r: &Report, client: Option<&str>, now: Timestamp) -> Outcome {
         let now_ms = now.as_millisecond();
-        let client = client_of(r).filter(|c| !c.is_empty()).unwrap_or(UNKNOWN);
+        let client = client.filter(|c| !c.is_empty()).unwrap_or(UNKNOWN);
         let host = r
             .host
             .as_deref()

@@ -5,7 +5,9 @@
 //! clock, never does I/O and never panics on any report.
 //!
 //! What the daemon does with it:
-//! - every parsed report: [`Watchdog::record`] (any code is a sign of life of its host);
+//! - every parsed report: [`Watchdog::record`] with its client from the pump's
+//!   [`Attributor`](crate::core::attribution::Attributor) (any code is a sign of life of its
+//!   host);
 //! - every second or so: [`Watchdog::tick`]; publish each [`Event`]: a [`Failure`] as
 //!   [`Failure::messages`] on `xreport` and, with `repost`, [`announcement`] of each of its
 //!   transfers on the repost exchange; a [`Recovery`] as [`Recovery::message`];

@@ -2,6 +2,7 @@
 //! in every format, the store round trip, and a property test over arbitrary sequences.
 
 use super::*;
+use crate::core::attribution::Attributor;
 use crate::core::emit::{Outgoing, emit};
 use crate::core::report::{Announcement, Format, Identity, Incoming, Message, Report, parse};
 use crate::core::{Headers, Stamp};
@@ -66,6 +67,12 @@ fn report(n: u32, code: u16) -> Report {
     }
 }
 
+/// Records `r` with its client as the pump's attribution tells it.
+fn rec(w: &mut Watchdog, r: &Report, now: Timestamp) -> Outcome {
+    let client = Attributor::default().client(r, None);
+    w.record(r, client.as_deref(), now)
+}
+
 fn on(host: &str, mut r: Report) -> Report {
     r.host = Some(host.into());
     r
@@ -90,52 +97,52 @@ fn ok(w: &Watchdog) {
 #[test]
 fn a_start_opens_and_its_final_closes() {
     let mut w = Watchdog::new(settings());
-    assert_eq!(w.record(&report(1, 102), t(0)), Outcome::Opened);
+    assert_eq!(rec(&mut w, &report(1, 102), t(0)), Outcome::Opened);
     assert_eq!(w.len(), 1);
     ok(&w);
-    assert_eq!(w.record(&report(1, 201), t(5)), Outcome::Closed);
+    assert_eq!(rec(&mut w, &report(1, 201), t(5)), Outcome::Closed);
     assert_eq!(w.len(), 0);
     let c = w.totals();
     assert_eq!((c.opened, c.closed, c.orphan_finals), (1, 1, 0));
     ok(&w);
     // A failure code is a final too.
-    w.record(&report(2, 102), t(6));
-    assert_eq!(w.record(&report(2, 499), t(7)), Outcome::Closed);
+    rec(&mut w, &report(2, 102), t(6));
+    assert_eq!(rec(&mut w, &report(2, 499), t(7)), Outcome::Closed);
 }
 
 #[test]
 fn the_product_key_survives_relpath_rewriting_and_renaming() {
     let mut w = Watchdog::new(settings());
-    w.record(&report(1, 102), t(0));
-    w.record(&report(2, 102), t(0));
+    rec(&mut w, &report(1, 102), t(0));
+    rec(&mut w, &report(2, 102), t(0));
     // sr3 reports its local path: same pubTime and file name.
     let mut fin = report(1, 201);
     fin.rel_path = "/local/data/incoming/radar_000001.h5".into();
-    assert_eq!(w.record(&fin, t(1)), Outcome::Closed);
+    assert_eq!(rec(&mut w, &fin, t(1)), Outcome::Closed);
     // Renamed on arrival: same pubTime and identity.
     let mut fin = report(2, 201);
     fin.rel_path = "elsewhere/renamed.h5".into();
-    assert_eq!(w.record(&fin, t(1)), Outcome::Closed);
+    assert_eq!(rec(&mut w, &fin, t(1)), Outcome::Closed);
     assert!(w.is_empty());
 }
 
 #[test]
 fn a_final_closes_only_the_same_host_client_and_product() {
     let mut w = Watchdog::new(settings());
-    w.record(&report(1, 102), t(0));
+    rec(&mut w, &report(1, 102), t(0));
     // Another node, another client, another product (the same name published again
     // later: another pubTime and identity).
     assert_eq!(
-        w.record(&on("node2", report(1, 201)), t(1)),
+        rec(&mut w, &on("node2", report(1, 201)), t(1)),
         Outcome::OrphanFinal
     );
     let mut other = report(1, 201);
     other.user = Some("other".into());
-    assert_eq!(w.record(&other, t(1)), Outcome::OrphanFinal);
+    assert_eq!(rec(&mut w, &other, t(1)), Outcome::OrphanFinal);
     let mut later = report(1, 201);
     later.pub_time = report(7, 201).pub_time;
     later.identity = Some(sha512(7));
-    assert_eq!(w.record(&later, t(1)), Outcome::OrphanFinal);
+    assert_eq!(rec(&mut w, &later, t(1)), Outcome::OrphanFinal);
     assert_eq!(w.len(), 1);
     assert_eq!(w.totals().orphan_finals, 3);
     ok(&w);
@@ -144,7 +151,7 @@ fn a_final_closes_only_the_same_host_client_and_product() {
 #[test]
 fn a_final_without_start_is_harmless() {
     let mut w = Watchdog::new(settings());
-    assert_eq!(w.record(&report(1, 201), t(0)), Outcome::OrphanFinal);
+    assert_eq!(rec(&mut w, &report(1, 201), t(0)), Outcome::OrphanFinal);
     assert!(w.is_empty());
     assert!(w.tick(t(1000)).is_empty());
     assert_eq!(w.totals().orphan_finals, 1);
@@ -154,11 +161,11 @@ fn a_final_without_start_is_harmless() {
 #[test]
 fn a_second_start_is_a_duplicate() {
     let mut w = Watchdog::new(settings());
-    w.record(&report(1, 102), t(0));
-    assert_eq!(w.record(&report(1, 102), t(1)), Outcome::Duplicate);
+    rec(&mut w, &report(1, 102), t(0));
+    assert_eq!(rec(&mut w, &report(1, 102), t(1)), Outcome::Duplicate);
     assert_eq!(w.len(), 1);
     assert_eq!(w.totals().duplicates, 1);
-    assert_eq!(w.record(&report(1, 201), t(2)), Outcome::Closed);
+    assert_eq!(rec(&mut w, &report(1, 201), t(2)), Outcome::Closed);
     assert!(w.is_empty());
     ok(&w);
 }
@@ -166,28 +173,28 @@ fn a_second_start_is_a_duplicate() {
 #[test]
 fn a_start_after_its_final_is_harmless_within_the_window() {
     let mut w = Watchdog::new(settings());
-    w.record(&report(1, 201), t(0));
-    assert_eq!(w.record(&report(1, 102), t(10)), Outcome::LateStart);
+    rec(&mut w, &report(1, 201), t(0));
+    assert_eq!(rec(&mut w, &report(1, 102), t(10)), Outcome::LateStart);
     assert!(w.is_empty());
     assert_eq!(w.totals().late_starts, 1);
     // Past the window, a start is a start (a retry, say).
-    w.record(&report(2, 201), t(0));
+    rec(&mut w, &report(2, 201), t(0));
     w.tick(t(30));
-    assert_eq!(w.record(&report(2, 102), t(30)), Outcome::Opened);
+    assert_eq!(rec(&mut w, &report(2, 102), t(30)), Outcome::Opened);
     ok(&w);
 }
 
 #[test]
 fn a_silent_node_holding_transfers_fails_once() {
     let mut w = Watchdog::new(settings());
-    w.record(&report(1, 102), t(0));
-    w.record(&report(2, 102), t(10));
-    w.record(&on("node2", report(3, 102)), t(10));
+    rec(&mut w, &report(1, 102), t(0));
+    rec(&mut w, &report(2, 102), t(10));
+    rec(&mut w, &on("node2", report(3, 102)), t(10));
     // node3 holds nothing: silence is not failure.
-    w.record(&on("node3", report(4, 201)), t(0));
+    rec(&mut w, &on("node3", report(4, 201)), t(0));
     assert!(failures(&w.tick(t(50))).is_empty());
     // node2 keeps talking (any code).
-    w.record(&on("node2", report(9, 100)), t(90));
+    rec(&mut w, &on("node2", report(9, 100)), t(90));
     let ev = w.tick(t(110));
     let f = failures(&ev);
     assert_eq!(f.len(), 1, "{ev:?}");
@@ -218,13 +225,13 @@ fn a_silent_node_holding_transfers_fails_once() {
 #[test]
 fn a_failed_node_that_reports_again_recovers_and_its_stale_transfers_close() {
     let mut w = Watchdog::new(settings());
-    w.record(&report(1, 102), t(0));
-    w.record(&report(2, 102), t(0));
+    rec(&mut w, &report(1, 102), t(0));
+    rec(&mut w, &report(2, 102), t(0));
     assert_eq!(failures(&w.tick(t(100))).len(), 1);
     let snap = w.snapshot(&Query::default(), t(100));
     assert_eq!(snap.nodes[0].state, NodeState::Failed);
     // Back: the final of one of its transfers (stale: what it held when heard from).
-    assert_eq!(w.record(&report(1, 201), t(120)), Outcome::Closed);
+    assert_eq!(rec(&mut w, &report(1, 201), t(120)), Outcome::Closed);
     let ev = w.tick(t(121));
     assert_eq!(
         ev,
@@ -242,7 +249,7 @@ fn a_failed_node_that_reports_again_recovers_and_its_stale_transfers_close() {
     // Stale transfers are neither stuck nor failed over again.
     let ev = w.tick(t(400));
     assert!(ev.is_empty(), "{ev:?}");
-    assert_eq!(w.record(&report(2, 201), t(401)), Outcome::Closed);
+    assert_eq!(rec(&mut w, &report(2, 201), t(401)), Outcome::Closed);
     assert!(w.is_empty());
     let c = w.totals();
     assert_eq!((c.failed_over, c.closed), (2, 2));
@@ -252,9 +259,9 @@ fn a_failed_node_that_reports_again_recovers_and_its_stale_transfers_close() {
 #[test]
 fn a_node_failing_again_lists_only_new_transfers() {
     let mut w = Watchdog::new(settings());
-    w.record(&report(1, 102), t(0));
+    rec(&mut w, &report(1, 102), t(0));
     w.tick(t(100));
-    w.record(&report(2, 102), t(150));
+    rec(&mut w, &report(2, 102), t(150));
     let ev = w.tick(t(150));
     assert!(matches!(ev[..], [Event::Recovered(_)]));
     let ev = w.tick(t(250));
@@ -268,10 +275,10 @@ fn a_node_failing_again_lists_only_new_transfers() {
 #[test]
 fn a_long_transfer_on_a_living_node_is_stuck_once() {
     let mut w = Watchdog::new(settings());
-    w.record(&report(1, 102), t(0));
-    w.record(&report(2, 102), t(30));
+    rec(&mut w, &report(1, 102), t(0));
+    rec(&mut w, &report(2, 102), t(30));
     assert!(w.tick(t(49)).is_empty());
-    w.record(&report(9, 100), t(49));
+    rec(&mut w, &report(9, 100), t(49));
     let ev = w.tick(t(50));
     let [Event::Stuck(s)] = &ev[..] else {
         panic!("{ev:?}")
@@ -288,7 +295,7 @@ fn a_long_transfer_on_a_living_node_is_stuck_once() {
         [TransferState::Stuck, TransferState::Open]
     );
     // Closing it clears the state; counted once.
-    w.record(&report(1, 201), t(60));
+    rec(&mut w, &report(1, 201), t(60));
     assert_eq!(
         w.snapshot(&Query::default(), t(60)).nodes[0].state,
         NodeState::Ok
@@ -304,13 +311,13 @@ fn past_max_inflight_the_oldest_are_evicted() {
         ..settings()
     });
     for n in 0..5 {
-        w.record(&report(n, 102), t(i64::from(n)));
+        rec(&mut w, &report(n, 102), t(i64::from(n)));
     }
     assert_eq!(w.len(), 3);
     assert_eq!(w.totals().evicted, 2);
     // The two oldest went: their finals are orphans, the others close.
-    assert_eq!(w.record(&report(0, 201), t(9)), Outcome::OrphanFinal);
-    assert_eq!(w.record(&report(2, 201), t(9)), Outcome::Closed);
+    assert_eq!(rec(&mut w, &report(0, 201), t(9)), Outcome::OrphanFinal);
+    assert_eq!(rec(&mut w, &report(2, 201), t(9)), Outcome::Closed);
     ok(&w);
 }
 
@@ -321,7 +328,7 @@ fn past_max_bytes_the_oldest_are_evicted() {
         ..settings()
     });
     for n in 0..20 {
-        w.record(&report(n, 102), t(0));
+        rec(&mut w, &report(n, 102), t(0));
         assert!(w.cost_for_tests() <= 1000, "{}", w.cost_for_tests());
     }
     assert!(w.len() >= 2 && w.len() < 20, "{}", w.len());
@@ -336,7 +343,7 @@ fn a_crowded_pubtime_is_capped() {
         let mut r = report(n, 102);
         r.pub_time = report(0, 102).pub_time;
         r.identity = None;
-        w.record(&r, t(i64::from(n)));
+        rec(&mut w, &r, t(i64::from(n)));
     }
     assert_eq!(w.len(), MAX_GROUP);
     assert_eq!(w.totals().evicted, 6);
@@ -351,19 +358,19 @@ fn overlong_fields_and_too_many_nodes_are_ignored() {
     });
     let mut r = report(1, 102);
     r.rel_path = "x/".repeat(MAX_FIELD);
-    assert_eq!(w.record(&r, t(0)), Outcome::Ignored(Ignored::TooLong));
+    assert_eq!(rec(&mut w, &r, t(0)), Outcome::Ignored(Ignored::TooLong));
     r.host = Some("h".repeat(MAX_NAME + 1));
-    assert_eq!(w.record(&r, t(0)), Outcome::Ignored(Ignored::TooLong));
-    w.record(&on("a", report(1, 102)), t(0));
-    w.record(&on("b", report(1, 201)), t(0));
+    assert_eq!(rec(&mut w, &r, t(0)), Outcome::Ignored(Ignored::TooLong));
+    rec(&mut w, &on("a", report(1, 102)), t(0));
+    rec(&mut w, &on("b", report(1, 201)), t(0));
     assert_eq!(
-        w.record(&on("c", report(1, 102)), t(0)),
+        rec(&mut w, &on("c", report(1, 102)), t(0)),
         Outcome::Ignored(Ignored::NodeLimit)
     );
     // Room again once idle nodes are forgotten (after forget_after).
     w.tick(t(20_000));
     assert_eq!(
-        w.record(&on("c", report(2, 102)), t(20_000)),
+        rec(&mut w, &on("c", report(2, 102)), t(20_000)),
         Outcome::Opened
     );
     ok(&w);
@@ -372,8 +379,8 @@ fn overlong_fields_and_too_many_nodes_are_ignored() {
 #[test]
 fn old_transfers_expire_and_idle_nodes_are_forgotten() {
     let mut w = Watchdog::new(settings());
-    w.record(&report(1, 102), t(0));
-    w.record(&on("node2", report(2, 201)), t(5000));
+    rec(&mut w, &report(1, 102), t(0));
+    rec(&mut w, &on("node2", report(2, 201)), t(5000));
     w.tick(t(200));
     w.tick(t(10_000));
     assert!(w.is_empty());
@@ -399,20 +406,20 @@ fn sr3_reports_without_host_use_the_client_as_node() {
     r.host = None;
     r.user = None;
     r.stamped_client = Some("sr3user".into());
-    w.record(&r, t(0));
+    rec(&mut w, &r, t(0));
     let snap = w.snapshot(&Query::default(), t(0));
     assert_eq!(snap.nodes[0].host, "sr3user");
     assert_eq!(snap.transfers[0].client, "sr3user");
     r.code = 201;
-    assert_eq!(w.record(&r, t(1)), Outcome::Closed);
+    assert_eq!(rec(&mut w, &r, t(1)), Outcome::Closed);
 }
 
 #[test]
 fn snapshot_filters_by_node_and_age() {
     let mut w = Watchdog::new(settings());
-    w.record(&report(1, 102), t(0));
-    w.record(&report(2, 102), t(40));
-    w.record(&on("node2", report(3, 102)), t(0));
+    rec(&mut w, &report(1, 102), t(0));
+    rec(&mut w, &report(2, 102), t(40));
+    rec(&mut w, &on("node2", report(3, 102)), t(0));
     let q = Query {
         node: Some("node1".into()),
         older_than: Some(Duration::from_secs(30)),
@@ -501,7 +508,7 @@ fn reposts_rebuild_the_announcement_in_the_format_of_the_start() {
         assert_eq!(start.format, format);
         assert_eq!(start.code, 102);
         let mut w = Watchdog::new(settings());
-        assert_eq!(w.record(&start, t(0)), Outcome::Opened, "{format}");
+        assert_eq!(rec(&mut w, &start, t(0)), Outcome::Opened, "{format}");
         let ev = w.tick(t(1000));
         let f = failures(&ev);
         assert_eq!(f.len(), 1, "{format}");
@@ -526,7 +533,7 @@ fn reposts_rebuild_the_announcement_in_the_format_of_the_start() {
             },
             format,
         ));
-        assert_eq!(w.record(&fin, t(1001)), Outcome::Closed, "{format}");
+        assert_eq!(rec(&mut w, &fin, t(1001)), Outcome::Closed, "{format}");
     }
 }
 
@@ -538,14 +545,14 @@ fn reposts_keep_hex_sums_and_odd_identities_as_received() {
         method: "md5".into(),
         value: "0f3c9a7e1b2d4c6f8a9b0c1d2e3f4a5b".into(),
     });
-    w.record(&r, t(0));
+    rec(&mut w, &r, t(0));
     let mut r2 = report(2, 102);
     r2.identity = Some(Identity {
         method: "cod".into(),
         value: "sha512".into(),
     });
     r2.size_bytes = None;
-    w.record(&r2, t(0));
+    rec(&mut w, &r2, t(0));
     let ev = w.tick(t(1000));
     let rows = &failures(&ev)[0].transfers;
     for (row, want) in rows.iter().zip([&r, &r2]) {
@@ -558,8 +565,8 @@ fn reposts_keep_hex_sums_and_odd_identities_as_received() {
 #[test]
 fn the_failure_notice_lists_the_lost_transfers() {
     let mut w = Watchdog::new(settings());
-    w.record(&on("ddsr1.cmc", report(1, 102)), t(0));
-    w.record(&on("ddsr1.cmc", report(2, 102)), t(20));
+    rec(&mut w, &on("ddsr1.cmc", report(1, 102)), t(0));
+    rec(&mut w, &on("ddsr1.cmc", report(2, 102)), t(20));
     let ev = w.tick(t(120));
     let f = failures(&ev)[0];
     let msgs = f.messages();
@@ -585,7 +592,7 @@ fn the_failure_notice_lists_the_lost_transfers() {
     assert_eq!(lost["started"], Stamp(t(20)).to_string());
     assert_eq!(lost["age"], 100);
     // Recovery notice.
-    w.record(&on("ddsr1.cmc", report(3, 100)), t(130));
+    rec(&mut w, &on("ddsr1.cmc", report(3, 100)), t(130));
     let ev = w.tick(t(130));
     let [Event::Recovered(r)] = &ev[..] else {
         panic!("{ev:?}")
@@ -665,15 +672,19 @@ fn the_store_round_trip_gives_the_same_state() {
     let mut w = Watchdog::new(settings());
     let mut store = Store::default();
     for n in 0..10 {
-        w.record(&on(["a", "b"][n as usize % 2], report(n, 102)), t(0));
+        rec(
+            &mut w,
+            &on(["a", "b"][n as usize % 2], report(n, 102)),
+            t(0),
+        );
     }
     store.apply(w.take_changes(usize::MAX));
-    w.record(&on("a", report(0, 201)), t(10));
-    w.record(&on("b", report(1, 201)), t(10));
+    rec(&mut w, &on("a", report(0, 201)), t(10));
+    rec(&mut w, &on("b", report(1, 201)), t(10));
     // Opened and closed between flushes: never stored.
-    w.record(&on("a", report(20, 102)), t(10));
-    w.record(&on("a", report(20, 201)), t(10));
-    w.record(&on("a", report(21, 102)), t(60));
+    rec(&mut w, &on("a", report(20, 102)), t(10));
+    rec(&mut w, &on("a", report(20, 201)), t(10));
+    rec(&mut w, &on("a", report(21, 102)), t(60));
     w.tick(t(60));
     w.tick(t(111));
     let c = w.take_changes(3);
@@ -697,7 +708,7 @@ fn the_store_round_trip_gives_the_same_state() {
 fn a_restored_watchdog_gives_nodes_a_fresh_timeout() {
     let mut w = Watchdog::new(settings());
     let mut store = Store::default();
-    w.record(&report(1, 102), t(0));
+    rec(&mut w, &report(1, 102), t(0));
     store.apply(w.take_changes(usize::MAX));
     // Down for an hour: the backlog is read before anyone is declared failed.
     let (mut r, _) = store.restore(settings(), t(3600));
@@ -708,8 +719,8 @@ fn a_restored_watchdog_gives_nodes_a_fresh_timeout() {
 #[test]
 fn restore_refuses_bad_rows_and_renumbers_taken_ids() {
     let mut w = Watchdog::new(settings());
-    w.record(&report(1, 102), t(0));
-    w.record(&report(2, 102), t(0));
+    rec(&mut w, &report(1, 102), t(0));
+    rec(&mut w, &report(2, 102), t(0));
     let c = w.take_changes(usize::MAX);
     let mut rows = c.transfers.clone();
     let mut dup = rows[0].clone();
@@ -812,7 +823,7 @@ proptest! {
         for op in ops {
             match op {
                 Op::Report { host, client, code, product, variant } => {
-                    w.record(&prop_report(host, client, code, product, variant), t(now));
+                    rec(&mut w, &prop_report(host, client, code, product, variant), t(now));
                 }
                 Op::Advance(s) => now += i64::from(s),
                 Op::Tick => events.extend(w.tick(t(now))),
@@ -873,11 +884,11 @@ proptest! {
         r.identity = Some(Identity { method, value });
         r.pub_time = Stamp::from_unix(pub_secs, 0);
         let now = Timestamp::from_second(i64::from(secs)).unwrap_or(Timestamp::UNIX_EPOCH);
-        w.record(&r, now);
+        rec(&mut w, &r, now);
         r.code = 201;
-        w.record(&r, now);
+        rec(&mut w, &r, now);
         r.code = 102;
-        w.record(&r, now);
+        rec(&mut w, &r, now);
         for e in w.tick(Timestamp::MAX) {
             if let Event::Failed(f) = e {
                 for row in &f.transfers {
