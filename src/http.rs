@@ -199,8 +199,14 @@ async fn serve_connection(
     tokio::select! {
         _ = served.as_mut() => {}
         _ = conn.evict.cancelled() => {
-            served.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(limits.header_timeout, served.as_mut()).await;
+            // Pushed out because it was serving no request: close it now. Waiting for a
+            // graceful end would keep a half-sent request's descriptor open up to the
+            // header deadline, and a flood would pile those up past the cap.
+            if conn.busy.load(Ordering::Acquire) > 0 {
+                // A request started just after it was picked: let that one finish.
+                served.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(limits.header_timeout, served.as_mut()).await;
+            }
         }
         _ = shutdown.cancelled() => {
             served.as_mut().graceful_shutdown();
