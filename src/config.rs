@@ -336,7 +336,7 @@ impl Config {
         };
         let mut users = BTreeMap::new();
         for (name, u) in raw.users {
-            check_name(format!("users.{name}"), &name)?;
+            check_name(format!("users.{}", key_word(&name)), &name)?;
             let interval = match u.interval {
                 Some(d) => Some(
                     d.get()
@@ -364,7 +364,7 @@ impl Config {
                 thresholds_from(d, default_thresholds, "thresholds.default", &bad)?;
         }
         for (name, t) in raw_thresholds {
-            let key = format!("thresholds.{name}");
+            let key = format!("thresholds.{}", key_word(&name));
             check_name(key.clone(), &name)?;
             thresholds.insert(name, thresholds_from(t, default_thresholds, &key, &bad)?);
         }
@@ -377,7 +377,7 @@ impl Config {
             }
         };
         for (name, c) in raw.clusters {
-            check_cluster(format!("clusters.{name}"), &name)?;
+            check_cluster(format!("clusters.{}", key_word(&name)), &name)?;
             neighbours.insert(
                 name.clone(),
                 Neighbour {
@@ -532,6 +532,17 @@ pub fn is_valid_cluster_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
 }
 
+/// A table name as a key of an error message: as it is when it is a valid cluster name (so
+/// a plain name), else quoted and escaped (`users."sat.x"`, `users."a\nb"`), so the
+/// message stays one line and shows exactly what was refused.
+fn key_word(name: &str) -> String {
+    if is_valid_cluster_name(name) && !name.contains('.') {
+        name.to_owned()
+    } else {
+        crate::core::text::quoted(name)
+    }
+}
+
 /// The dotted key set on `line` (1-based), e.g. `speedo.interval`, for error messages.
 fn key_at(text: &str, line: usize) -> Option<String> {
     let lines: Vec<&str> = text.lines().collect();
@@ -642,6 +653,21 @@ interval = "1m"
                 "(?P<source>",
             ),
             ("[clusters.a]\nvia = \"b\"", "clusters.a.via", "\"b\""),
+            (
+                "[users.\"sat.x\"]\nrole = \"source\"",
+                "users.\"sat.x\"",
+                "no dots",
+            ),
+            (
+                "[users.\"a\\nb\"]\nrole = \"source\"",
+                "users.\"a\\nb\"",
+                "no dots",
+            ),
+            (
+                "[thresholds.\"x y\"]\ntd = 1",
+                "thresholds.\"x y\"",
+                "no dots",
+            ),
             (
                 "[speedo]\ninterval = -5",
                 "speedo.interval",

@@ -11,7 +11,11 @@
 //! - a **connection cap** ([`Limits::max_connections`]): at the cap, a new connection
 //!   pushes out the oldest one that is not serving a request (a slow or idle client), so a
 //!   flood of half-open connections can never lock a real client out; only when every
-//!   connection is busy is the new one refused;
+//!   connection is busy is the new one refused. A pushed-out connection is closed at once,
+//!   and the listener accepts no more while more than the cap + 64 sockets are still
+//!   held, so the descriptors stay bounded however fast a flood connects; the accept
+//!   queue is deep (4096, or the kernel's `somaxconn`) so a burst delays a real client
+//!   rather than dropping its connection attempt;
 //! - a header size bound and graceful shutdown (in-flight responses finish, streams end).
 
 use crate::cmd::Error;
@@ -63,7 +67,20 @@ pub struct Listener {
 impl Listener {
     /// Binds `addr`; failing to is a runtime error naming the address.
     pub async fn bind(addr: SocketAddr, limits: Limits) -> Result<Listener, Error> {
-        let inner = TcpListener::bind(addr).await.map_err(|e| Error::Listen {
+        let listen = || -> std::io::Result<TcpListener> {
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            // A deep accept queue (the kernel caps it at somaxconn): during a burst of
+            // connections a real client's waits there instead of having its SYN dropped
+            // and retried a second later.
+            socket.listen(ACCEPT_BACKLOG)
+        };
+        let inner = listen().map_err(|e| Error::Listen {
             addr: addr.to_string(),
             reason: e.to_string(),
         })?;
@@ -81,7 +98,16 @@ impl Listener {
     pub async fn serve(self, app: Router, shutdown: Shutdown, grace: Duration) {
         let conns = Arc::new(Connections::default());
         let mut tasks = tokio::task::JoinSet::new();
+        // Descriptors held by connection tasks, counted until each task has closed its
+        // socket: a connection pushed out at the cap is closed by its own task a moment
+        // later, and a flood must not outrun that.
+        let live = Arc::new(Live::default());
+        let limit = self.limits.max_connections.max(1) + EVICTION_SLACK;
         loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = live.below(limit) => {}
+            }
             let (stream, _peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 accepted = self.inner.accept() => match accepted {
@@ -101,19 +127,68 @@ impl Listener {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            tasks.spawn(serve_connection(
+            let held = Held::new(&live);
+            let serving = serve_connection(
                 stream,
                 app.clone(),
                 conn,
                 conns.clone(),
                 self.limits,
                 shutdown.clone(),
-            ));
+            );
+            tasks.spawn(async move {
+                serving.await;
+                drop(held);
+            });
         }
         let drain = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(grace, drain).await.is_err() {
             tasks.abort_all();
         }
+    }
+}
+
+/// Connections over the cap that may still be closing (pushed out, their task not yet
+/// run): the most descriptors a listener holds is the cap plus this.
+const EVICTION_SLACK: usize = 64;
+
+/// The listen backlog asked of the kernel.
+const ACCEPT_BACKLOG: u32 = 4096;
+
+/// How many connection tasks hold a socket, and a wake-up when one lets go.
+#[derive(Default)]
+struct Live {
+    n: AtomicUsize,
+    released: tokio::sync::Notify,
+}
+
+impl Live {
+    /// Returns once fewer than `limit` sockets are held.
+    async fn below(&self, limit: usize) {
+        loop {
+            let released = self.released.notified();
+            if self.n.load(Ordering::Acquire) < limit {
+                return;
+            }
+            released.await;
+        }
+    }
+}
+
+/// One held socket, counted in [`Live`] until dropped.
+struct Held(Arc<Live>);
+
+impl Held {
+    fn new(live: &Arc<Live>) -> Held {
+        live.n.fetch_add(1, Ordering::AcqRel);
+        Held(live.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.n.fetch_sub(1, Ordering::AcqRel);
+        self.0.released.notify_waiters();
     }
 }
 

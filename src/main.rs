@@ -79,8 +79,12 @@ fn init_tracing(verbose: u8) {
         // lapin logs every returned (unroutable) message with its whole body at WARN, and
         // its own teardown at ERROR; the adapter reports what matters in one line.
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},lapin=off")));
+    // Colours only on a terminal: escape sequences have no place in a log file, and
+    // reading one must never be able to move a cursor.
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
