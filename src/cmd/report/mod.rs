@@ -142,7 +142,12 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), Error> {
         p = publish(&cfg) => p?,
         _ = shutdown.cancelled() => return Err(Error::Failed("interrupted before the broker confirmed".into())),
     };
-    println!("published {code} to {} ({})", p.exchange, p.routing_key);
+    // The routing key comes from the relPath a script gave: escaped like any report text.
+    println!(
+        "published {code} to {} ({})",
+        crate::core::text::escape(&p.exchange),
+        crate::core::text::escape(&p.routing_key)
+    );
     Ok(())
 }
 
