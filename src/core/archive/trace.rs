@@ -117,11 +117,27 @@ impl Query {
         if let Some(f) = &self.flow {
             token(b" ", f, Extra::None, b" ");
         }
+        let buffer_regex = self.regex.as_ref().and_then(|re| buffer_regex(re.as_str()));
         Matcher {
             query: self.clone(),
             needles,
+            buffer_regex,
         }
     }
+}
+
+/// The line regex for searching a whole buffer of lines at once (`^`/`$` at every line
+/// boundary), or `None` when the pattern could mean something else there (inline flags,
+/// `\A`/`\z` text anchors): then every line is looked at.
+fn buffer_regex(pattern: &str) -> Option<regex::bytes::Regex> {
+    if pattern.contains("(?") || pattern.contains("\\A") || pattern.contains("\\z") {
+        return None;
+    }
+    regex::bytes::RegexBuilder::new(pattern)
+        .multi_line(true)
+        .size_limit(64 << 20)
+        .build()
+        .ok()
 }
 
 fn strip_eol(raw: &[u8]) -> &[u8] {
@@ -134,6 +150,8 @@ fn strip_eol(raw: &[u8]) -> &[u8] {
 pub struct Matcher {
     query: Query,
     needles: Vec<Finder<'static>>,
+    /// The regex in multi-line mode, to find candidate lines in a whole buffer.
+    buffer_regex: Option<regex::bytes::Regex>,
 }
 
 impl Matcher {
@@ -152,6 +170,20 @@ impl Matcher {
                 .is_none_or(|re| re.is_match(strip_eol(raw)))
     }
 
+    /// The lines of `buf` (whole lines, the last one possibly partial) that may match,
+    /// each with its `\n`: a superset of the lines [`check`](Self::check) accepts. It jumps
+    /// from one occurrence of the first byte pattern (the file name when one is asked for)
+    /// or of the regex to the next, so a selective query never looks at most lines, and a
+    /// regex runs over the whole buffer at once (like `grep`) instead of once per line.
+    pub fn candidates<'a>(&'a self, buf: &'a [u8]) -> Candidates<'a> {
+        let jump = match (self.needles.first(), &self.buffer_regex, &self.query.regex) {
+            (Some(f), _, _) => Jump::Needle(f),
+            (None, Some(re), _) => Jump::Regex(re),
+            (None, None, Some(_)) | (None, None, None) => Jump::Every,
+        };
+        Candidates { buf, pos: 0, jump }
+    }
+
     /// The line if it matches; `Ok(None)` if it does not; an error if it had to be parsed
     /// and was malformed or partial (trace skips it with a warning).
     pub fn check(&self, raw: &[u8]) -> Result<Option<ArchiveLine>, LineError> {
@@ -160,6 +192,47 @@ impl Matcher {
         }
         let line = ArchiveLine::parse(raw)?;
         Ok(self.query.matches_fields(&line).then_some(line))
+    }
+}
+
+enum Jump<'a> {
+    Needle(&'a Finder<'static>),
+    Regex(&'a regex::bytes::Regex),
+    Every,
+}
+
+/// The candidate lines of a buffer: see [`Matcher::candidates`] and
+/// [`Follow::candidates`].
+pub struct Candidates<'a> {
+    buf: &'a [u8],
+    /// Always the start of a line.
+    pos: usize,
+    jump: Jump<'a>,
+}
+
+impl<'a> Iterator for Candidates<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let (buf, pos) = (self.buf, self.pos);
+        if pos >= buf.len() {
+            return None;
+        }
+        let hit = match &self.jump {
+            Jump::Needle(f) => f.find(&buf[pos..]).map(|i| pos + i),
+            // A match that starts at a line's `\n` (`$`) belongs to that line.
+            Jump::Regex(re) => re.find_at(buf, pos).map(|m| m.start()),
+            Jump::Every => Some(pos),
+        };
+        let Some(hit) = hit else {
+            self.pos = buf.len();
+            return None;
+        };
+        let hit = hit.min(buf.len() - 1);
+        let start = memchr::memrchr(b'\n', &buf[pos..hit]).map_or(pos, |i| pos + i + 1);
+        let end = memchr::memchr(b'\n', &buf[hit..]).map_or(buf.len(), |i| hit + i + 1);
+        self.pos = end;
+        Some(&buf[start..end])
     }
 }
 
@@ -514,6 +587,26 @@ impl Follow {
         }
         let line = ArchiveLine::parse(raw)?;
         Ok((self.wants(&line) && !self.query.matches(&line)).then_some(line))
+    }
+
+    /// The line if it belongs to a product followed, whether the query matches it or not:
+    /// for hours pass 1 did not read (it stopped at the limit).
+    pub fn check_any(&self, raw: &[u8]) -> Result<Option<ArchiveLine>, LineError> {
+        if self.prefilter.as_ref().is_some_and(|re| !re.is_match(raw)) {
+            return Ok(None);
+        }
+        let line = ArchiveLine::parse(raw)?;
+        Ok(self.wants(&line).then_some(line))
+    }
+
+    /// The lines of `buf` that may belong to a product followed (a superset of what
+    /// [`check_any`](Self::check_any) accepts), found by one search over the buffer.
+    pub fn candidates<'a>(&'a self, buf: &'a [u8]) -> Candidates<'a> {
+        let jump = match &self.prefilter {
+            Some(re) => Jump::Regex(re),
+            None => Jump::Every,
+        };
+        Candidates { buf, pos: 0, jump }
     }
 }
 

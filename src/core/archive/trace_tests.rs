@@ -1,5 +1,6 @@
 use super::*;
 use crate::core::archive::index::{Index, IndexBuilder};
+use crate::core::archive::line::split_lines;
 use proptest::prelude::*;
 
 fn t(s: &str) -> Stamp {
@@ -458,5 +459,72 @@ proptest! {
         let blank = out.len().saturating_sub(1);
         prop_assert_eq!(text.lines().count(), events + 2 * out.len() + blank);
         prop_assert!(!text.chars().any(|c| (c.is_control() && c != '\n') || crate::core::archive::escape::is_hidden(c)));
+    }
+}
+
+/// Regexes with anchors, classes that match `\n`, and empty matches: the buffer search
+/// must still find every line the per-line regex matches.
+const PATTERNS: [&str; 8] = [
+    "^2024",
+    "h5$",
+    "[ab]+ ",
+    "\\s[ab]{2}",
+    "x*",
+    "(?i)A",
+    "pub=\\d+T",
+    "^$",
+];
+
+proptest! {
+    #[test]
+    fn candidates_hold_every_line_that_matches(
+        lines in proptest::collection::vec(any_line(), 1..10),
+        which in any::<prop::sample::Index>(),
+        pick in any::<u8>(),
+        pattern in 0..PATTERNS.len(),
+        garbage in proptest::option::of("[ a-z\\n]{0,12}"),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let l = which.get(&lines);
+        let mut q = Query::default();
+        if pick & 1 != 0 { q.source = Some(l.source.clone()); }
+        if pick & 2 != 0 { q.client = Some(l.client.clone()); }
+        if pick & 4 != 0 { q.file = Some(FileMatch::Name(l.file_name().to_owned())); }
+        if pick & 8 != 0 { q.regex = Some(regex::bytes::Regex::new(PATTERNS[pattern]).unwrap()); }
+        let m = q.matcher();
+        let mut buf = Vec::new();
+        for other in &lines {
+            other.write(&mut buf);
+            if let Some(g) = &garbage { buf.extend_from_slice(g.as_bytes()); buf.push(b'\n'); }
+        }
+        // Sometimes a partial last line, as in a live hour.
+        if pick & 16 != 0 {
+            let extra = lines[0].to_line();
+            buf.extend_from_slice(&extra.as_bytes()[..cut.index(extra.len())]);
+        }
+        let cands: Vec<&[u8]> = m.candidates(&buf).collect();
+        let mut at = 0;
+        for c in &cands {
+            // Candidates are whole lines, in order, never overlapping.
+            let i = c.as_ptr() as usize - buf.as_ptr() as usize;
+            prop_assert!(i >= at && (i == 0 || buf[i - 1] == b'\n'));
+            at = i + c.len();
+        }
+        for raw in split_lines(&buf) {
+            if let Ok(Some(_)) = m.check(raw) {
+                prop_assert!(cands.iter().any(|c| std::ptr::eq(c.as_ptr(), raw.as_ptr())));
+            }
+        }
+        let f = {
+            let mut lives = Lives::new();
+            lives.add("c", l.clone());
+            lives.follow(&q)
+        };
+        let fc: Vec<&[u8]> = f.candidates(&buf).collect();
+        for raw in split_lines(&buf) {
+            if let Ok(Some(_)) = f.check_any(raw) {
+                prop_assert!(fc.iter().any(|c| std::ptr::eq(c.as_ptr(), raw.as_ptr())));
+            }
+        }
     }
 }
