@@ -174,6 +174,25 @@ struct RawServe {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawArchive {
+    dir: Option<PathBuf>,
+    listen: Option<String>,
+    fsync: Option<String>,
+    fsync_interval: Option<RawDuration>,
+    retention_days: Option<u32>,
+    batch: Option<usize>,
+    zstd_level: Option<i32>,
+    code: Option<String>,
+    source: Option<String>,
+    client: Option<String>,
+    host: Option<String>,
+    flow: Option<String>,
+    file: Option<String>,
+    cluster: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawConfig {
     cluster: Option<String>,
     broker: Option<String>,
@@ -192,6 +211,7 @@ struct RawConfig {
     speedo: RawSpeedo,
     #[serde(default)]
     serve: RawServe,
+    archive: Option<RawArchive>,
 }
 
 /// One declared account.
@@ -244,6 +264,33 @@ pub struct ServeSettings {
     pub history: Duration,
 }
 
+/// When `archive` makes what it wrote durable before it acks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// `fsync` after every batch, before the acks: a power cut loses nothing acked.
+    EveryBatch,
+    /// Acks once written to the OS, `fsync` this often: a crash of the process loses
+    /// nothing, a power cut at most this much.
+    Interval(Duration),
+}
+
+/// `[archive]` (SPEC §4.10): present when the pump keeps an archive, so `setup` declares
+/// its queue. Flags of `pumpwatch archive` override each key.
+#[derive(Debug, Clone)]
+pub struct ArchiveSettings {
+    /// The archive root: files go to `<dir>/<cluster>/YYYY/MM/DD/HH.log`.
+    pub dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub fsync: Fsync,
+    /// Hours older than this many days are removed; `None` keeps everything.
+    pub retention_days: Option<u32>,
+    /// Reports written (and acked) together at most.
+    pub batch: usize,
+    pub zstd_level: i32,
+    /// Only reports passing this are archived (`log`'s filters).
+    pub filter: crate::core::filter::Filter,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -260,6 +307,7 @@ pub struct Config {
     pub route: RouteSettings,
     pub speedo: SpeedoSettings,
     pub serve: ServeSettings,
+    pub archive: Option<ArchiveSettings>,
 }
 
 impl Default for Config {
@@ -433,6 +481,10 @@ impl Config {
         }
         let cluster = raw.cluster.unwrap_or_else(|| "localhost".into());
         check_cluster("cluster".into(), &cluster)?;
+        let archive = match raw.archive {
+            Some(a) => Some(archive_from(a, &bad)?),
+            None => None,
+        };
         Ok(Config {
             origin: file.to_owned(),
             cluster,
@@ -462,6 +514,7 @@ impl Config {
                 listen: raw.serve.listen.unwrap_or_else(|| "127.0.0.1:8080".into()),
                 history: dur("serve.history", raw.serve.history, 3600)?,
             },
+            archive,
         })
     }
 
@@ -558,6 +611,108 @@ fn key_at(text: &str, line: usize) -> Option<String> {
     Some(match table {
         Some(t) => format!("{t}.{key}"),
         None => key.to_owned(),
+    })
+}
+
+/// Default and bounds of `[archive]` keys (also used for the flags).
+pub const ARCHIVE_BATCH: usize = 500;
+pub const ARCHIVE_BATCH_MAX: usize = 10_000;
+pub const ARCHIVE_ZSTD_LEVEL: i32 = 6;
+
+fn archive_from(
+    a: RawArchive,
+    bad: &dyn Fn(String, String) -> ConfigError,
+) -> Result<ArchiveSettings, ConfigError> {
+    let key = |k: &str| format!("archive.{k}");
+    let fsync = match (a.fsync.as_deref(), a.fsync_interval) {
+        (None | Some("every-batch"), None) => Fsync::EveryBatch,
+        (Some("every-batch") | None, Some(_)) => {
+            return Err(bad(
+                key("fsync_interval"),
+                "only with fsync = \"interval\"".into(),
+            ));
+        }
+        (Some("interval"), i) => Fsync::Interval(match i {
+            Some(d) => d.get().map_err(|r| bad(key("fsync_interval"), r))?,
+            None => Duration::from_secs(1),
+        }),
+        (Some(other), _) => {
+            return Err(bad(
+                key("fsync"),
+                format!("{other:?}: expected \"every-batch\" or \"interval\""),
+            ));
+        }
+    };
+    if let Fsync::Interval(d) = fsync
+        && (d.is_zero() || d > Duration::from_secs(3600))
+    {
+        return Err(bad(
+            key("fsync_interval"),
+            "must be between 0 and 1 h".into(),
+        ));
+    }
+    if a.retention_days == Some(0) {
+        return Err(bad(
+            key("retention_days"),
+            "must be at least 1 (leave it out to keep everything)".into(),
+        ));
+    }
+    let batch = a.batch.unwrap_or(ARCHIVE_BATCH);
+    if !(1..=ARCHIVE_BATCH_MAX).contains(&batch) {
+        return Err(bad(
+            key("batch"),
+            format!("must be 1 to {ARCHIVE_BATCH_MAX}"),
+        ));
+    }
+    let zstd_level = a.zstd_level.unwrap_or(ARCHIVE_ZSTD_LEVEL);
+    if !(1..=19).contains(&zstd_level) {
+        return Err(bad(key("zstd_level"), "must be 1 to 19".into()));
+    }
+    if let Some(l) = &a.listen {
+        use std::net::ToSocketAddrs;
+        if l.to_socket_addrs()
+            .map(|mut i| i.next().is_none())
+            .unwrap_or(true)
+        {
+            return Err(bad(
+                key("listen"),
+                format!("{l:?} is not a host:port address"),
+            ));
+        }
+    }
+    if a.dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) {
+        return Err(bad(key("dir"), "must not be empty".into()));
+    }
+    let code = match &a.code {
+        Some(c) => Some(
+            c.parse()
+                .map_err(|e: crate::core::code::CodeRangeError| bad(key("code"), e.to_string()))?,
+        ),
+        None => None,
+    };
+    let file = match &a.file {
+        Some(f) => {
+            Some(Regex::new(f).map_err(|e| bad(key("file"), e.to_string().replace('\n', " ")))?)
+        }
+        None => None,
+    };
+    Ok(ArchiveSettings {
+        dir: a.dir,
+        listen: a.listen,
+        fsync,
+        retention_days: a.retention_days,
+        batch,
+        zstd_level,
+        filter: crate::core::filter::Filter {
+            pattern: None,
+            source: a.source,
+            client: a.client,
+            host: a.host,
+            file,
+            flow: a.flow,
+            code,
+            cluster: a.cluster,
+        },
     })
 }
 
@@ -673,6 +828,26 @@ interval = "1m"
                 "speedo.interval",
                 "invalid duration",
             ),
+            ("[archive]\nfsync = \"never\"", "archive.fsync", "never"),
+            (
+                "[archive]\nfsync_interval = 5",
+                "archive.fsync_interval",
+                "interval",
+            ),
+            (
+                "[archive]\nretention_days = 0",
+                "archive.retention_days",
+                "at least 1",
+            ),
+            ("[archive]\ncode = \"6xy\"", "archive.code", "6xy"),
+            ("[archive]\nfile = \"(\"", "archive.file", "regex"),
+            (
+                "[archive]\nlisten = \"nowhere\"",
+                "archive.listen",
+                "host:port",
+            ),
+            ("[archive]\nbatch = 0", "archive.batch", "1 to"),
+            ("[archive]\ndirr = \"x\"", "t.toml:2", "dirr"),
         ];
         for (text, want_where, want_what) in table {
             let e = Config::parse(text, "t.toml").unwrap_err().to_string();
@@ -682,6 +857,26 @@ interval = "1m"
             );
             assert!(!e.contains('\n'), "one line: {e}");
         }
+    }
+
+    #[test]
+    fn archive_table() {
+        assert!(Config::default().archive.is_none());
+        let c = Config::parse(
+            "[archive]\ndir = \"/a\"\nfsync = \"interval\"\nretention_days = 30\ncode = \"4xx\"",
+            "t.toml",
+        )
+        .unwrap();
+        let a = c.archive.unwrap();
+        assert_eq!(a.dir.as_deref(), Some(Path::new("/a")));
+        assert_eq!(a.fsync, Fsync::Interval(Duration::from_secs(1)));
+        assert_eq!(a.retention_days, Some(30));
+        assert!(a.filter.code.unwrap().contains(499));
+        let a = Config::parse("[archive]", "t.toml")
+            .unwrap()
+            .archive
+            .unwrap();
+        assert_eq!((a.fsync, a.batch), (Fsync::EveryBatch, ARCHIVE_BATCH));
     }
 
     #[test]

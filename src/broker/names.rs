@@ -155,6 +155,17 @@ pub fn speedo_queue(config: &Config, feeder: &str) -> QueueShape {
     }
 }
 
+/// `archive`'s queue: everything in `xreport`, durable, so reports wait here while the
+/// archive is down (SPEC §4.10). Declared by `setup` when the configuration has an
+/// `[archive]` table, and by the daemon itself.
+pub fn archive_queue(config: &Config, feeder: &str) -> QueueShape {
+    QueueShape {
+        name: format!("q_{feeder}.archive"),
+        arguments: base_args(config.route.queue_type),
+        bindings: vec![(config.exchanges.report.clone(), "#".into())],
+    }
+}
+
 /// Reports waiting to go to neighbour `cluster`: bound to `xforward_<cluster>`; the dynamic
 /// shovel of SPEC §4.8 drains it to the neighbour's `xreport`, so a neighbour that is down
 /// gets its reports when it comes back.

@@ -10,6 +10,7 @@
 //! [`exit_code`](Error::exit_code) decides the exit status, the same for the same failure
 //! in every command. `main` is one match over [`Command`].
 
+pub mod archive;
 pub mod log;
 pub mod report;
 pub mod route;
@@ -17,6 +18,7 @@ pub mod serve;
 pub mod setup;
 pub mod simulate;
 pub mod speedo;
+pub mod trace;
 
 use crate::broker::amqp::AmqpError;
 use crate::broker::mgmt::MgmtError;
@@ -73,6 +75,10 @@ pub enum Command {
     Speedo(speedo::Args),
     /// Live dashboard, /api/status, /api/events, /metrics (daemon).
     Serve(serve::Args),
+    /// Keep every report in hourly files, compressed and indexed (daemon).
+    Archive(archive::Args),
+    /// Search the archive: each matching product's life across pumps.
+    Trace(trace::Args),
 }
 
 impl Command {
@@ -80,7 +86,7 @@ impl Command {
     pub fn is_daemon(&self) -> bool {
         matches!(
             self,
-            Command::Route(_) | Command::Speedo(_) | Command::Serve(_)
+            Command::Route(_) | Command::Speedo(_) | Command::Serve(_) | Command::Archive(_)
         )
     }
 
@@ -101,6 +107,10 @@ impl Command {
                 speedo::run(speedo::Config::from_args(a, common)?, shutdown).await
             }
             Command::Serve(a) => serve::run(serve::Config::from_args(a, common)?, shutdown).await,
+            Command::Archive(a) => {
+                archive::run(archive::Config::from_args(a, common)?, shutdown).await
+            }
+            Command::Trace(a) => trace::run(trace::Config::from_args(a, common)?, shutdown).await,
         }
     }
 }

@@ -223,6 +223,9 @@ impl Desired {
             names::dispatch_queue(&config, &feeder),
             names::rejected_queue(&config, &feeder),
         ];
+        if config.archive.is_some() {
+            shapes.push(names::archive_queue(&config, &feeder));
+        }
         shapes.extend(
             config
                 .sources()
@@ -497,6 +500,16 @@ mod tests {
         );
         let protected: Vec<&str> = d.protected_users.iter().map(String::as_str).collect();
         assert_eq!(protected, ["guest", "root"]);
+
+        // An [archive] table adds the archive's queue on xreport.
+        let config = Config::parse(&format!("{CONFIG}\n[archive]\n"), "t.toml").unwrap();
+        let d = Desired::build(&inputs(&config, None, &env));
+        assert!(d.queues.contains_key("q_feed.archive"));
+        assert!(d.bindings.contains(&Binding {
+            exchange: "xreport".into(),
+            queue: "q_feed.archive".into(),
+            key: "#".into()
+        }));
     }
 
     #[test]
