@@ -20,8 +20,11 @@
 //! that did not change) is two products. Keys are joined transitively (union-find), so a
 //! renamed copy joins its product through the identity.
 //!
-//! **Duplicates.** The same report archived twice (a crash between write and ack) is the
-//! same line in the same cluster: it is shown once and counted in `duplicates`.
+//! **Duplicates.** The same report archived twice (a crash between write and ack, so the
+//! broker delivered it again) is the same line in the same cluster, but for its time when
+//! the report states no completion time (the archive time is used, and differs): lines of
+//! one cluster identical but for their time are shown once, at the earliest, and counted
+//! in `duplicates`.
 
 use super::escape::{Extra, escape, escape_into};
 use super::line::{ArchiveLine, LineError, identity_token, time_text};
@@ -442,18 +445,21 @@ fn push_new<T: PartialEq>(v: &mut Vec<T>, x: T) {
 }
 
 fn life(group: Vec<(String, ArchiveLine)>) -> Life {
-    // Sorting by the written line puts identical lines side by side.
+    // Each line as written without its time: what a duplicate has in common.
     let mut rows: Vec<(Stamp, String, Vec<u8>, ArchiveLine)> = group
         .into_iter()
         .map(|(c, l)| {
             let mut w = Vec::with_capacity(256);
             l.write(&mut w);
+            let rest = w.iter().position(|&b| b == b' ').map_or(0, |i| i + 1);
+            w.drain(..rest);
             (l.time, c, w, l)
         })
         .collect();
     rows.sort_by(|a, b| (a.0, &a.1, &a.2).cmp(&(b.0, &b.1, &b.2)));
     let before = rows.len();
-    rows.dedup_by(|a, b| a.1 == b.1 && a.2 == b.2);
+    let mut seen = HashSet::new();
+    rows.retain(|(_, c, w, _)| seen.insert((c.clone(), w.clone())));
     let duplicates = before - rows.len();
     let lines: Vec<(String, ArchiveLine)> = rows.into_iter().map(|(_, c, _, l)| (c, l)).collect();
     let pub_time = lines.iter().find_map(|(_, l)| l.pub_time);
