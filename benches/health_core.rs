@@ -9,6 +9,7 @@
 //! `cargo bench --bench health_core`
 
 use criterion::{Criterion, Throughput, black_box, criterion_group};
+use jiff::Timestamp;
 use pumpwatch::core::baseline::{Baselines, HourOfWeek, UnusualRule, WindowInterval};
 use pumpwatch::core::lag::{Lag, LagMeter, LagRules};
 use pumpwatch::core::nagios::Range;
@@ -44,18 +45,28 @@ const NAMES: usize = 10_000;
 const WINDOW: usize = 10;
 const LAGS: usize = 1_000_000;
 
+/// Monday 2024-01-01 00:00:00 UTC.
+const MONDAY: i64 = 1_704_067_200;
+
 fn hour(h: usize) -> HourOfWeek {
     HourOfWeek::new((h % 168) as u8).unwrap()
 }
 
-/// Every name learned in every slot (5 samples around 1 + name % 10 files/s).
+/// The end of minute `k` of hour-of-week `h` in week `w`.
+fn at(w: usize, h: usize, k: usize) -> Timestamp {
+    Timestamp::from_second(MONDAY + (w * 7 * 86_400 + (h % 168) * 3600 + k * 60) as i64).unwrap()
+}
+
+/// Every name learned in every slot (3 weeks of 5 samples around 1 + name % 10 files/s).
 fn learned(names: &[String]) -> Baselines {
     let mut b = Baselines::new();
     for (i, n) in names.iter().enumerate() {
         let mean = 1.0 + (i % 10) as f64;
-        for h in 0..168 {
-            for k in 0..5 {
-                b.observe(n, hour(h), mean * (0.95 + 0.025 * k as f64));
+        for w in 0..3 {
+            for h in 0..168 {
+                for k in 0..5 {
+                    b.observe(n, at(w, h, k), mean * (0.95 + 0.025 * k as f64));
+                }
             }
         }
     }
@@ -143,7 +154,7 @@ fn bench(c: &mut Criterion) {
         bch.iter(|| {
             tick += 1;
             for (i, name) in names.iter().enumerate() {
-                learning.observe(name, hour(tick), 1.0 + (i % 10) as f64);
+                learning.observe(name, at(3, tick / 60, tick % 60), 1.0 + (i % 10) as f64);
             }
             black_box(learning.drain_changed().len())
         })

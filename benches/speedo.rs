@@ -10,6 +10,7 @@
 use criterion::{BatchSize, Criterion, Throughput, black_box, criterion_group};
 use jiff::Timestamp;
 use pumpwatch::cmd::speedo::{Sample, Settings, Speedometers};
+use pumpwatch::core::lag::LagRules;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -84,6 +85,8 @@ fn samples(n: &Names, count: usize) -> Vec<Sample<'_>> {
                 source: &n.sources[s],
                 code: if rng.random_bool(0.9) { 201 } else { 499 },
                 bytes: rng.random_range(1_000..10_000_000),
+                // As speedo measures it: a lag of a few seconds, bucket worked out once.
+                lag: Some(LagRules::DEFAULT.accept(rng.random_range(0.5..30.0))),
             }
         })
         .collect()
@@ -98,6 +101,7 @@ fn warm(m: &mut Speedometers, n: &Names) {
                 source: &n.sources[(c * 7 + k * 131) % SOURCES],
                 code: 201,
                 bytes: 1,
+                lag: None,
             });
         }
     }
@@ -112,6 +116,7 @@ fn memory_report(n: &Names) {
             source: "unknown",
             code: 201,
             bytes: 1,
+            lag: None,
         });
     }
     let clients_only = LIVE.load(Ordering::Relaxed) - before;

@@ -130,6 +130,10 @@ struct RawThresholds {
     tminr: Option<f64>,
     window: Option<RawDuration>,
     max_error_ratio: Option<f64>,
+    min_transfers: Option<i64>,
+    k: Option<f64>,
+    min_samples: Option<i64>,
+    max_lag: Option<RawDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -296,6 +300,9 @@ pub struct ArchiveSettings {
 pub struct Config {
     /// Where it came from, for messages (`built-in defaults` when no file).
     pub origin: String,
+    /// The file it was read from, to read again (`serve` on SIGHUP); `None` for defaults
+    /// and text parsed in code.
+    pub path: Option<PathBuf>,
     pub cluster: String,
     pub broker: Option<String>,
     pub admin_url: Option<String>,
@@ -340,7 +347,9 @@ impl Config {
             file: file.clone(),
             reason: e.to_string(),
         })?;
-        Config::parse(&text, &file)
+        let mut c = Config::parse(&text, &file)?;
+        c.path = Some(path.to_owned());
+        Ok(c)
     }
 
     /// Parses TOML text; `file` names it in errors.
@@ -487,6 +496,7 @@ impl Config {
         };
         Ok(Config {
             origin: file.to_owned(),
+            path: None,
             cluster,
             broker: raw.broker,
             admin_url: raw.admin_url,
@@ -726,12 +736,46 @@ fn thresholds_from(
         Some(v) => v.get().map_err(|r| bad(format!("{key}.{name}"), r)),
         None => Ok(dflt),
     };
+    let max_lag = match t.max_lag {
+        // 0 turns the rule off (e.g. for one client when the default sets it).
+        Some(v) => {
+            Some(v.get().map_err(|r| bad(format!("{key}.max_lag"), r))?).filter(|d| !d.is_zero())
+        }
+        None => base.max_lag,
+    };
+    let min_transfers = match t.min_transfers {
+        Some(n) => u64::try_from(n)
+            .map_err(|_| bad(format!("{key}.min_transfers"), "must be 0 or more".into()))?,
+        None => base.min_transfers,
+    };
+    let min_samples = match t.min_samples {
+        Some(n) => u32::try_from(n)
+            .ok()
+            .filter(|n| (1..=520).contains(n))
+            .ok_or_else(|| {
+                bad(
+                    format!("{key}.min_samples"),
+                    "must be a number of weeks from 1 to 520".into(),
+                )
+            })?,
+        None => base.min_samples,
+    };
     let out = Thresholds {
         td: d("td", t.td, base.td)?,
         tminr: t.tminr.unwrap_or(base.tminr),
         window: d("window", t.window, base.window)?,
         max_error_ratio: t.max_error_ratio.unwrap_or(base.max_error_ratio),
+        min_transfers,
+        k: t.k.unwrap_or(base.k),
+        min_samples,
+        max_lag,
     };
+    if !(out.k.is_finite() && out.k >= 0.0 && out.k <= 100.0) {
+        return Err(bad(
+            format!("{key}.k"),
+            "must be a number of standard deviations from 0 to 100".into(),
+        ));
+    }
     if !(out.tminr.is_finite() && out.tminr >= 0.0) {
         return Err(bad(format!("{key}.tminr"), "must be a rate >= 0".into()));
     }
@@ -848,6 +892,28 @@ interval = "1m"
             ),
             ("[archive]\nbatch = 0", "archive.batch", "1 to"),
             ("[archive]\ndirr = \"x\"", "t.toml:2", "dirr"),
+            ("[thresholds.cfs]\nk = -1.0", "thresholds.cfs.k", "0 to 100"),
+            ("[thresholds.cfs]\nk = nan", "thresholds.cfs.k", "0 to 100"),
+            (
+                "[thresholds.default]\nmin_samples = 0",
+                "thresholds.default.min_samples",
+                "1 to 520",
+            ),
+            (
+                "[thresholds.cfs]\nmin_transfers = -3",
+                "thresholds.cfs.min_transfers",
+                "0 or more",
+            ),
+            (
+                "[thresholds.cfs]\nmax_lag = \"soon\"",
+                "thresholds.cfs.max_lag",
+                "soon",
+            ),
+            (
+                "[thresholds.cfs]\nmin_samples = 1.5",
+                "t.toml:2",
+                "min_samples",
+            ),
         ];
         for (text, want_where, want_what) in table {
             let e = Config::parse(text, "t.toml").unwrap_err().to_string();
@@ -877,6 +943,25 @@ interval = "1m"
             .archive
             .unwrap();
         assert_eq!((a.fsync, a.batch), (Fsync::EveryBatch, ARCHIVE_BATCH));
+    }
+
+    #[test]
+    fn health_keys_inherit_from_default() {
+        let c = Config::parse(
+            "[thresholds.default]\nmax_lag = \"10m\"\nk = 2.5\nmin_transfers = 20\n\
+             [thresholds.cfs]\nmin_samples = 4\n[thresholds.edu]\nmax_lag = 0\n",
+            "t.toml",
+        )
+        .unwrap();
+        let cfs = c.thresholds_for("cfs");
+        assert_eq!(cfs.max_lag, Some(Duration::from_secs(600)));
+        assert_eq!((cfs.k, cfs.min_samples, cfs.min_transfers), (2.5, 4, 20));
+        assert_eq!(c.thresholds_for("edu").max_lag, None, "0 turns it off");
+        let d = Config::default().default_thresholds;
+        assert_eq!(
+            (d.k, d.min_samples, d.min_transfers, d.max_lag),
+            (3.0, 3, 10, None)
+        );
     }
 
     #[test]

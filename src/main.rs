@@ -11,8 +11,10 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        Err(e) if is_check() && !is_help(&e) => return plugin_unknown(&first_line(&e)),
         Err(e) => return clap_exit(e),
     };
+    let check = matches!(cli.command, pumpwatch::cmd::Command::Check(_));
     init_tracing(cli.verbose + u8::from(cli.command.is_daemon()));
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -26,7 +28,13 @@ fn main() -> ExitCode {
         }
     };
     let result = rt.block_on(async {
-        let common = Common::from_cli(&cli)?;
+        let common = match Common::from_cli(&cli) {
+            Ok(c) => c,
+            Err(e) if check => {
+                return pumpwatch::cmd::check::print_exit(pumpwatch::cmd::check::unknown(e));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let stop = shutdown::on_signals();
         shutdown::cancel_on_panic(&stop);
         cli.command.run(&common, stop).await
@@ -43,8 +51,51 @@ fn main() -> ExitCode {
 }
 
 fn fail(e: &Error) -> ExitCode {
-    eprintln!("pumpwatch: {e}");
+    if !matches!(e, Error::Exit(_)) {
+        eprintln!("pumpwatch: {e}");
+    }
     ExitCode::from(e.exit_code())
+}
+
+/// Whether the command line runs `check` (global flags with values may come first):
+/// a plugin answers bad arguments with its UNKNOWN line and exit 3, not clap's exit 2.
+fn is_check() -> bool {
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--config" | "--broker" | "--admin-url" => {
+                args.next();
+            }
+            a if a.starts_with('-') => {}
+            a => return a == "check",
+        }
+    }
+    false
+}
+
+fn is_help(e: &clap::Error) -> bool {
+    use clap::error::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    )
+}
+
+fn first_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    text.lines()
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ")
+        .to_owned()
+}
+
+fn plugin_unknown(reason: &str) -> ExitCode {
+    let out = pumpwatch::core::nagios::PluginOutput::unknown(reason);
+    print!("{}", out.render());
+    ExitCode::from(out.exit_code())
 }
 
 /// Help and version are not errors; anything else clap refuses is a usage error in one line.
@@ -59,13 +110,9 @@ fn clap_exit(e: clap::Error) -> ExitCode {
             let _ = e.print();
             ExitCode::from(2)
         }
-        _ => {
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            fail(&Error::Usage(pumpwatch::cmd::UsageError::new(
-                first.trim_start_matches("error: "),
-            )))
-        }
+        _ => fail(&Error::Usage(pumpwatch::cmd::UsageError::new(first_line(
+            &e,
+        )))),
     }
 }
 

@@ -11,6 +11,8 @@
 //! in every command. `main` is one match over [`Command`].
 
 pub mod archive;
+pub mod baseline;
+pub mod check;
 pub mod log;
 pub mod report;
 pub mod route;
@@ -73,12 +75,16 @@ pub enum Command {
     Setup(setup::Args),
     /// Publish speedometers (per client, per source, all) at set intervals (daemon).
     Speedo(speedo::Args),
-    /// Live dashboard, /api/status, /api/events, /metrics (daemon).
+    /// Live dashboard, /api/status, /api/events, /api/check, /metrics (daemon).
     Serve(serve::Args),
     /// Keep every report in hourly files, compressed and indexed (daemon).
     Archive(archive::Args),
     /// Search the archive: each matching product's life across pumps.
     Trace(trace::Args),
+    /// Nagios plugin: ask serve, print one status line, exit 0/1/2/3.
+    Check(check::Args),
+    /// Show or reset the expected rates serve learned (--state-dir).
+    Baseline(baseline::Args),
 }
 
 impl Command {
@@ -111,6 +117,14 @@ impl Command {
                 archive::run(archive::Config::from_args(a, common)?, shutdown).await
             }
             Command::Trace(a) => trace::run(trace::Config::from_args(a, common)?, shutdown).await,
+            // A plugin answers every problem with its own UNKNOWN line, exit 3.
+            Command::Check(a) => match check::Config::from_args(a, common) {
+                Ok(c) => check::run(c, shutdown).await,
+                Err(e) => check::print_exit(check::unknown(e)),
+            },
+            Command::Baseline(a) => {
+                baseline::run(baseline::Config::from_args(a, common)?, shutdown).await
+            }
         }
     }
 }
@@ -119,6 +133,8 @@ impl Command {
 /// global options, resolved (flag, else environment, else file, else default).
 #[derive(Debug, Clone)]
 pub struct Common {
+    /// `-v` as many times as given (logging; `check` prints its offenders).
+    pub verbose: u8,
     pub file: FileConfig,
     pub broker: BrokerUrl,
     /// The management API (`http://host:15672`); its credentials default to the broker's.
@@ -130,7 +146,9 @@ impl Common {
     pub fn from_cli(cli: &Cli) -> Result<Common, UsageError> {
         let file =
             FileConfig::load(cli.config.as_deref()).map_err(|e| UsageError(e.to_string()))?;
-        Common::new(file, cli.broker.as_deref(), cli.admin_url.as_deref())
+        let mut c = Common::new(file, cli.broker.as_deref(), cli.admin_url.as_deref())?;
+        c.verbose = cli.verbose;
+        Ok(c)
     }
 
     /// `broker`/`admin_url` override the file's; `None` takes the file's or the default.
@@ -148,6 +166,7 @@ impl Common {
             .unwrap_or(config::DEFAULT_ADMIN_URL)
             .to_owned();
         Ok(Common {
+            verbose: 0,
             file,
             broker,
             admin_url,
@@ -157,6 +176,7 @@ impl Common {
     /// For tests and embedders: `file` with `broker`, the default management API.
     pub fn with_broker(file: FileConfig, broker: &BrokerUrl) -> Common {
         Common {
+            verbose: 0,
             admin_url: file
                 .admin_url
                 .clone()
@@ -198,12 +218,17 @@ pub enum Error {
     /// Any other failure while running, with its own one-line text.
     #[error("{0}")]
     Failed(String),
+    /// The command printed its own result (a plugin's state): exit with this status,
+    /// saying nothing more.
+    #[error("exit status {0}")]
+    Exit(u8),
 }
 
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Usage(_) => 2,
+            Error::Exit(code) => *code,
             _ => 1,
         }
     }

@@ -5,9 +5,21 @@
 //! value; `serve` persists the [`Row`]s and loads them back after a restart.
 //!
 //! The `unusual` rule, like Burrow's sliding-window rules, fires only when **every**
-//! interval of a full window is below `mean − k·σ` of its own slot; one good interval
-//! clears it. It says nothing until the slots are learned (`min_samples`), nor for quiet
-//! hours (expected rate below `floor`), so a restart or a night never pages anyone.
+//! interval of a full window is below its own slot's threshold; one good interval clears
+//! it. It says nothing until the slots are learned, nor for quiet hours (expected rate
+//! below `floor`), so a restart or a night never pages anyone.
+//!
+//! Three choices keep it from paging people for nothing:
+//! - **Trusted after `min_samples` distinct weeks** (default 3), not samples: one hour of
+//!   one week gives a slot 60 samples at a 60 s interval, all from the same Monday; the
+//!   slot counts the weeks it was seen in ([`Slot::weeks`]).
+//! - **A minimum relative drop** ([`UnusualRule::min_drop`], default 25 %): the threshold
+//!   is `min(mean − k·σ, mean·(1 − min_drop))`, so a perfectly steady client (σ ≈ 0)
+//!   dipping 1 % is not unusual; a drop to half still is.
+//! - **It forgets** ([`DEFAULT_MEMORY_WEEKS`], 6): each time a slot starts a new week past
+//!   the memory, its weight (n and m2, the variance kept) is scaled by `(M − 1)/M`, so old
+//!   weeks fade geometrically and a permanent change (a client that now really moves half
+//!   as much) stops being unusual within a few weeks instead of never.
 //!
 //! Values are best given as files per second of the interval (not files per interval), so
 //! a change of speedo interval does not invalidate what was learned.
@@ -28,6 +40,18 @@ pub const DEFAULT_FLOOR: f64 = 1.0 / 300.0;
 
 /// Largest value learned: no pump moves 10¹² files/s, and the cap keeps `m2` finite.
 pub const MAX_VALUE: f64 = 1e12;
+
+/// Weeks a slot remembers at full weight (see the module doc).
+pub const DEFAULT_MEMORY_WEEKS: u16 = 6;
+
+/// The smallest drop below the mean that can be unusual, as a share of the mean.
+pub const DEFAULT_MIN_DROP: f64 = 0.25;
+
+/// The week of `t` (weeks since the Monday 1969-12-29 00:00 UTC), clamped to `u32`.
+pub fn week_of(t: Timestamp) -> u32 {
+    let w = (t.as_second() + 3 * 86_400).div_euclid(7 * 86_400);
+    w.clamp(0, i64::from(u32::MAX)) as u32
+}
 
 fn valid(x: f64) -> bool {
     (0.0..=MAX_VALUE).contains(&x)
@@ -76,32 +100,60 @@ pub fn hour_of_week(t: Timestamp) -> HourOfWeek {
     HourOfWeek((weekday * 24 + hour) as u8)
 }
 
-/// Running mean and variance of one slot (Welford).
+/// Running mean and variance of one slot (Welford), with the weeks it was seen in.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Slot {
-    n: u64,
+    n: u32,
+    /// Distinct weeks with a sample (saturating).
+    weeks: u16,
+    /// The week of the latest sample ([`week_of`]).
+    last_week: u32,
     mean: f64,
     /// Sum of squared differences from the mean.
     m2: f64,
 }
 
 impl Slot {
-    /// Adds one value. Values that are negative (no rate is), above [`MAX_VALUE`] or not
-    /// numbers are refused and change nothing.
-    pub fn observe(&mut self, x: f64) -> bool {
+    /// Adds one value seen in `week`, remembering `memory` weeks at full weight. Values
+    /// that are negative (no rate is), above [`MAX_VALUE`] or not numbers are refused and
+    /// change nothing.
+    pub fn observe(&mut self, week: u32, x: f64, memory: u16) -> bool {
         if !valid(x) {
             return false;
         }
+        if self.n == 0 || week > self.last_week {
+            self.weeks = self.weeks.saturating_add(1);
+            self.last_week = week;
+            if self.weeks > memory.max(2) {
+                self.fade(memory.max(2));
+            }
+        }
         self.n = self.n.saturating_add(1);
         let delta = x - self.mean;
-        self.mean += delta / self.n as f64;
+        self.mean += delta / f64::from(self.n);
         // (x − old mean)·(x − new mean) ≥ 0: m2 never decreases, never goes negative.
         self.m2 += delta * (x - self.mean);
         true
     }
 
+    /// Scales the weight of what was learned by `(m − 1)/m`, keeping mean and variance.
+    fn fade(&mut self, m: u16) {
+        if self.n < 2 {
+            return;
+        }
+        let variance = self.variance();
+        let n = (u64::from(self.n) * u64::from(m - 1) / u64::from(m)).max(2);
+        self.n = n as u32;
+        self.m2 = variance * (n - 1) as f64;
+    }
+
     pub fn n(&self) -> u64 {
-        self.n
+        u64::from(self.n)
+    }
+
+    /// Distinct weeks this slot has samples from.
+    pub fn weeks(&self) -> u32 {
+        u32::from(self.weeks)
     }
 
     pub fn mean(&self) -> f64 {
@@ -113,7 +165,7 @@ impl Slot {
         if self.n < 2 {
             0.0
         } else {
-            self.m2 / (self.n - 1) as f64
+            self.m2 / f64::from(self.n - 1)
         }
     }
 
@@ -121,9 +173,16 @@ impl Slot {
         self.variance().sqrt()
     }
 
-    /// `mean − k·σ`: below it, an interval is below the expectation.
-    pub fn threshold(&self, k: f64) -> f64 {
-        self.mean - k * self.std_dev()
+    /// `min(mean − k·σ, mean·(1 − min_drop))`: below it, an interval is below the
+    /// expectation.
+    pub fn threshold(&self, k: f64, min_drop: f64) -> f64 {
+        let (spread, drop) = (self.mean - k * self.std_dev(), self.mean * (1.0 - min_drop));
+        // NaN stays NaN (`f64::min` would drop it), so a wild parameter never alarms.
+        if spread.is_nan() || drop.is_nan() {
+            f64::NAN
+        } else {
+            spread.min(drop)
+        }
     }
 }
 
@@ -132,8 +191,11 @@ impl Slot {
 pub struct UnusualRule {
     /// How many standard deviations below the mean is unusual (SPEC default 3).
     pub k: f64,
-    /// Samples a slot needs before it is trusted (at least 2: one sample has no spread).
+    /// Distinct weeks a slot needs before it is trusted (it also needs two samples: one
+    /// has no spread).
     pub min_samples: u64,
+    /// The smallest drop below the mean that can be unusual (share of the mean).
+    pub min_drop: f64,
     /// A slot whose mean is below this (same unit as the values) is a quiet hour.
     pub floor: f64,
     /// Seconds the intervals given must cover, e.g. `window` of the thresholds.
@@ -145,6 +207,7 @@ impl Default for UnusualRule {
         UnusualRule {
             k: 3.0,
             min_samples: 3,
+            min_drop: DEFAULT_MIN_DROP,
             floor: DEFAULT_FLOOR,
             window_s: 600.0,
         }
@@ -177,7 +240,7 @@ pub enum Expectation {
     /// At least one interval at or above its slot's `mean − k·σ` (or the window is not
     /// yet full, so "every interval" cannot be claimed).
     Usual,
-    /// Every interval of a full window below its slot's `mean − k·σ`. The figures are
+    /// Every interval of a full window below its slot's threshold. The figures are
     /// those of the latest interval.
     Unusual {
         expected: f64,
@@ -210,9 +273,10 @@ impl Default for Baseline {
 }
 
 impl Baseline {
-    pub fn observe(&mut self, hour: HourOfWeek, value: f64) -> bool {
-        let h = usize::from(hour.0);
-        let ok = self.slots[h].observe(value);
+    /// Learns `value` for the interval that ended at `at`.
+    pub fn observe(&mut self, at: Timestamp, value: f64, memory: u16) -> bool {
+        let h = usize::from(hour_of_week(at).0);
+        let ok = self.slots[h].observe(week_of(at), value, memory);
         if ok {
             self.changed[h / 64] |= 1 << (h % 64);
         }
@@ -238,7 +302,6 @@ impl Baseline {
         rule: &UnusualRule,
         window: impl IntoIterator<Item = WindowInterval>,
     ) -> Expectation {
-        let min_samples = rule.min_samples.max(2);
         let (mut seen, mut unlearned, mut quiet) = (false, false, false);
         let mut covered = 0.0;
         let mut latest = None;
@@ -248,7 +311,7 @@ impl Baseline {
                 covered += w.secs;
             }
             let slot = self.slot(w.hour);
-            if slot.n < min_samples {
+            if u64::from(slot.weeks) < rule.min_samples || slot.n < 2 {
                 unlearned = true;
                 continue;
             }
@@ -256,7 +319,7 @@ impl Baseline {
                 quiet = true;
                 continue;
             }
-            let threshold = slot.threshold(rule.k);
+            let threshold = slot.threshold(rule.k, rule.min_drop);
             // Tested as "below" so that a NaN (value or threshold) clears, never alarms.
             let below = w.value < threshold;
             if !below {
@@ -286,6 +349,10 @@ pub struct Row {
     pub name: String,
     pub hour_of_week: u8,
     pub n: u64,
+    /// Distinct weeks seen.
+    pub weeks: u32,
+    /// The week of the latest sample ([`week_of`]).
+    pub last_week: u32,
     pub mean: f64,
     pub m2: f64,
 }
@@ -310,8 +377,11 @@ impl Row {
             return Err(fail("name is empty or longer than 255 bytes"));
         }
         let hour = HourOfWeek::new(self.hour_of_week).ok_or_else(|| fail("hour not in 0..168"))?;
-        if self.n == 0 {
-            return Err(fail("no samples"));
+        if self.n == 0 || self.n > u64::from(u32::MAX) {
+            return Err(fail("no samples, or more than a slot counts"));
+        }
+        if self.weeks == 0 || self.weeks > u32::from(u16::MAX) {
+            return Err(fail("weeks not in 1..=65535"));
         }
         if !valid(self.mean) {
             return Err(fail("mean is not a possible rate"));
@@ -322,7 +392,9 @@ impl Row {
         Ok((
             hour,
             Slot {
-                n: self.n,
+                n: self.n as u32,
+                weeks: self.weeks as u16,
+                last_week: self.last_week,
                 mean: self.mean,
                 m2: self.m2,
             },
@@ -333,16 +405,33 @@ impl Row {
 type Map<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
 
 /// Every name's baseline.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Baselines {
     names: Map<Baseline>,
     /// Names with slots changed since the last drain (may hold forgotten names).
     changed: Vec<Box<str>>,
+    /// Weeks remembered at full weight.
+    memory: u16,
+}
+
+impl Default for Baselines {
+    fn default() -> Self {
+        Baselines::with_memory(DEFAULT_MEMORY_WEEKS)
+    }
 }
 
 impl Baselines {
     pub fn new() -> Baselines {
         Baselines::default()
+    }
+
+    /// Baselines that remember `weeks` weeks at full weight (at least 2).
+    pub fn with_memory(weeks: u16) -> Baselines {
+        Baselines {
+            names: Map::default(),
+            changed: Vec::new(),
+            memory: weeks.max(2),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -361,9 +450,10 @@ impl Baselines {
         self.names.keys().map(|k| &**k)
     }
 
-    /// Learns `value` for `name` at `hour`; false (and nothing learned) for a value
-    /// [`Slot::observe`] refuses or a name that is empty or too long.
-    pub fn observe(&mut self, name: &str, hour: HourOfWeek, value: f64) -> bool {
+    /// Learns `value` for `name`, for the interval that ended at `at`; false (and
+    /// nothing learned) for a value [`Slot::observe`] refuses or a name that is empty or
+    /// too long.
+    pub fn observe(&mut self, name: &str, at: Timestamp, value: f64) -> bool {
         if name.is_empty() || name.len() > MAX_NAME_BYTES || !valid(value) {
             return false;
         }
@@ -372,7 +462,7 @@ impl Baselines {
             None => self.names.entry(name.into()).or_default(),
         };
         let first_change = b.changed == [0; 3];
-        b.observe(hour, value);
+        b.observe(at, value, self.memory);
         if first_change {
             self.changed.push(name.into());
         }
@@ -445,7 +535,9 @@ fn row(name: &str, hour: HourOfWeek, s: &Slot) -> Row {
     Row {
         name: name.to_owned(),
         hour_of_week: hour.0,
-        n: s.n,
+        n: u64::from(s.n),
+        weeks: u32::from(s.weeks),
+        last_week: s.last_week,
         mean: s.mean,
         m2: s.m2,
     }
@@ -479,7 +571,7 @@ mod tests {
         for i in 0..weeks * 7 * 24 * 60 {
             let t = at(MONDAY + i * INTERVAL);
             let h = hour_of_week(t);
-            b.observe(name, h, rate(h.get(), i));
+            b.observe(name, t, rate(h.get(), i));
         }
     }
 
@@ -525,13 +617,16 @@ mod tests {
         let xs: Vec<f64> = (0..1000).map(|i| f64::from(i % 17) * 0.37).collect();
         let mut s = Slot::default();
         for &x in &xs {
-            assert!(s.observe(x));
+            assert!(s.observe(7, x, 6));
         }
         let mean = xs.iter().sum::<f64>() / xs.len() as f64;
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (xs.len() - 1) as f64;
         assert!((s.mean() - mean).abs() < 1e-12);
         assert!((s.variance() - var).abs() < 1e-10);
-        assert!(!s.observe(f64::NAN) && !s.observe(-1.0) && !s.observe(f64::INFINITY));
+        assert!(
+            !s.observe(7, f64::NAN, 6) && !s.observe(7, -1.0, 6) && !s.observe(7, f64::INFINITY, 6)
+        );
+        assert_eq!(s.weeks(), 1);
         assert_eq!(s.n(), 1000);
     }
 
@@ -541,8 +636,9 @@ mod tests {
     fn numerically_stable_with_large_counts() {
         let mut s = Slot::default();
         let n = 2_000_000u64;
+        // (one week: nothing fades)
         for i in 0..n {
-            s.observe(1e9 + if i % 2 == 0 { 1.0 } else { -1.0 });
+            s.observe(1, 1e9 + if i % 2 == 0 { 1.0 } else { -1.0 }, 6);
         }
         assert_eq!(s.n(), n);
         assert!((s.mean() - 1e9).abs() < 1e-6, "{}", s.mean());
@@ -606,43 +702,111 @@ mod tests {
     }
 
     #[test]
-    fn min_samples_respected() {
+    fn min_samples_counts_weeks_not_samples() {
         let mut b = Baselines::new();
-        let h = HourOfWeek::new(10).unwrap();
-        let rule = UnusualRule {
-            min_samples: 5,
-            ..UnusualRule::default()
-        };
-        let w = || {
-            (0..10).map(|_| WindowInterval {
-                hour: h,
+        let rule = UnusualRule::default(); // 3 weeks
+        // Wednesday 10:00 of week w, minute m.
+        let wed = |w: i64, m: i64| at(MONDAY + w * 7 * 86_400 + 2 * 86_400 + 10 * 3600 + m * 60);
+        let w = |end: Timestamp| {
+            (0..10).map(move |_| WindowInterval {
+                hour: hour_of_week(end),
                 secs: 60.0,
                 value: 0.0,
             })
         };
-        assert_eq!(b.expectation("x", &rule, w()), Expectation::NotLearned);
-        for i in 0..5 {
-            assert_eq!(
-                b.expectation("x", &rule, w()),
-                Expectation::NotLearned,
-                "{i}"
-            );
-            b.observe("x", h, 10.0 + f64::from(i % 2));
+        assert_eq!(
+            b.expectation("x", &rule, w(wed(0, 0))),
+            Expectation::NotLearned
+        );
+        // 60 samples, one week: not trusted.
+        for m in 0..60 {
+            b.observe("x", wed(0, m), 10.0 + (m % 2) as f64);
         }
-        assert!(b.expectation("x", &rule, w()).is_unusual());
+        let slot = *b.get("x").unwrap().slot(hour_of_week(wed(0, 0)));
+        assert_eq!((slot.n(), slot.weeks()), (60, 1));
+        assert_eq!(
+            b.expectation("x", &rule, w(wed(1, 30))),
+            Expectation::NotLearned
+        );
+        for m in 0..60 {
+            b.observe("x", wed(1, m), 10.0 + (m % 2) as f64);
+        }
+        assert_eq!(
+            b.expectation("x", &rule, w(wed(2, 30))),
+            Expectation::NotLearned
+        );
+        // The third week's first sample makes it three weeks.
+        b.observe("x", wed(2, 0), 10.0);
+        assert!(b.expectation("x", &rule, w(wed(2, 30))).is_unusual());
         // One interval in an unlearned slot: not learned, never a false alarm.
-        let mut mixed: Vec<_> = w().collect();
+        let mut mixed: Vec<_> = w(wed(2, 30)).collect();
         mixed[0].hour = HourOfWeek::new(11).unwrap();
         assert_eq!(b.expectation("x", &rule, mixed), Expectation::NotLearned);
-        // min_samples below 2 still needs a spread.
+        // One sample has no spread: not learned, even with min_samples 1.
+        let mut c = Baselines::new();
         let one = UnusualRule {
-            min_samples: 0,
+            min_samples: 1,
             ..rule
         };
-        let mut c = Baselines::new();
-        c.observe("y", h, 10.0);
-        assert_eq!(c.expectation("y", &one, w()), Expectation::NotLearned);
+        c.observe("y", wed(0, 0), 10.0);
+        assert_eq!(
+            c.expectation("y", &one, w(wed(0, 30))),
+            Expectation::NotLearned
+        );
         assert_eq!(b.expectation("x", &rule, []), Expectation::NotLearned);
+    }
+
+    #[test]
+    fn a_steady_client_dipping_a_little_is_not_unusual() {
+        let mut b = Baselines::new();
+        let rule = UnusualRule::default();
+        // σ = 0: exactly 10 files/s every interval for four weeks.
+        for i in 0..4 * 7 * 24 * 60 {
+            b.observe("steady", at(MONDAY + i * INTERVAL), 10.0);
+        }
+        let end = MONDAY + 4 * 7 * 86_400 + 12 * 3600;
+        for (value, unusual) in [(9.9, false), (8.0, false), (7.4, true), (5.0, true)] {
+            let e = b.expectation("steady", &rule, window(end, |_| value));
+            assert_eq!(e.is_unusual(), unusual, "{value}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn a_permanent_change_is_learned_within_weeks() {
+        let mut b = Baselines::new();
+        let rule = UnusualRule::default();
+        let week = 7 * 24 * 60;
+        // Twenty weeks at 10 files/s (±10 %), then the client really moves half as much.
+        let value = |i: i64, level: f64| level * (1.0 + 0.1 * ((i * 7919) % 21 - 10) as f64 / 10.0);
+        for i in 0..20 * week {
+            b.observe("cfs", at(MONDAY + i * INTERVAL), value(i, 10.0));
+        }
+        let mut unusual_weeks = 0;
+        for w in 20..30 {
+            let end = MONDAY + w * 7 * 86_400 + 12 * 3600;
+            if b.expectation("cfs", &rule, window(end, |t| value(t / 60, 5.0)))
+                .is_unusual()
+            {
+                unusual_weeks += 1;
+            }
+            for i in w * week..(w + 1) * week {
+                b.observe("cfs", at(MONDAY + i * INTERVAL), value(i, 5.0));
+            }
+        }
+        assert!(
+            (1..=5).contains(&unusual_weeks),
+            "unusual for {unusual_weeks} weeks after a permanent change"
+        );
+        let slot = b
+            .get("cfs")
+            .unwrap()
+            .slot(hour_of_week(at(MONDAY + 12 * 3600)));
+        assert!(
+            slot.n() <= 60 * u64::from(DEFAULT_MEMORY_WEEKS),
+            "{}",
+            slot.n()
+        );
+        assert_eq!(slot.weeks(), 30);
     }
 
     #[test]
@@ -665,7 +829,7 @@ mod tests {
                     .get("cfs")
                     .unwrap()
                     .slot(hour_of_week(at(end)))
-                    .threshold(3.0),
+                    .threshold(3.0, DEFAULT_MIN_DROP),
                 observed: 0.0
             }
         );
@@ -719,7 +883,7 @@ mod tests {
         again.sort_by_key(key);
         assert_eq!(again, rows);
 
-        let h = HourOfWeek::new(5).unwrap();
+        let h = at(MONDAY + 5 * 3600);
         c.observe("cfs", h, 1.0);
         c.observe("cfs", h, 1.0);
         let d = c.drain_changed();
@@ -741,6 +905,8 @@ mod tests {
             name: "cfs".into(),
             hour_of_week: 3,
             n: 10,
+            weeks: 3,
+            last_week: 2800,
             mean: 2.0,
             m2: 4.0,
         };
@@ -778,6 +944,14 @@ mod tests {
                 name: "x".repeat(300),
                 ..good.clone()
             },
+            Row {
+                weeks: 0,
+                ..good.clone()
+            },
+            Row {
+                n: u64::MAX,
+                ..good.clone()
+            },
         ];
         let mut b = Baselines::new();
         let errors = b.load(bad.iter().cloned().chain([good.clone()]));
@@ -790,14 +964,14 @@ mod tests {
         let json = serde_json::to_string(&b.rows().next().unwrap()).unwrap();
         assert_eq!(
             json,
-            r#"{"name":"cfs","hour_of_week":3,"n":10,"mean":2.0,"m2":4.0}"#
+            r#"{"name":"cfs","hour_of_week":3,"n":10,"weeks":3,"last_week":2800,"mean":2.0,"m2":4.0}"#
         );
     }
 
     #[test]
     fn hostile_names_and_values_are_refused() {
         let mut b = Baselines::new();
-        let h = HourOfWeek::new(0).unwrap();
+        let h = at(MONDAY);
         assert!(!b.observe("", h, 1.0));
         assert!(!b.observe(&"x".repeat(256), h, 1.0));
         assert!(!b.observe("a", h, f64::NAN));
@@ -811,18 +985,19 @@ mod tests {
     proptest! {
         #[test]
         fn rule_never_panics(
-            values in proptest::collection::vec((0u8..168, any::<f64>()), 0..40),
+            values in proptest::collection::vec((any::<i32>(), any::<f64>()), 0..40),
             window in proptest::collection::vec((0u8..168, any::<f64>(), any::<f64>()), 0..12),
             k in any::<f64>(),
             min_samples in any::<u64>(),
+            min_drop in any::<f64>(),
             floor in any::<f64>(),
             window_s in any::<f64>(),
         ) {
             let mut b = Baselines::new();
-            for (h, v) in values {
-                b.observe("n", HourOfWeek::new(h).unwrap(), v);
+            for (secs, v) in values {
+                b.observe("n", at(i64::from(secs) * 100), v);
             }
-            let rule = UnusualRule { k, min_samples, floor, window_s };
+            let rule = UnusualRule { k, min_samples, min_drop, floor, window_s };
             let w = window.into_iter().map(|(h, secs, value)| WindowInterval {
                 hour: HourOfWeek::new(h).unwrap(),
                 secs,

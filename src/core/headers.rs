@@ -44,14 +44,18 @@ impl HeaderValue {
         }
     }
 
-    /// The value as a float, accepting ints and numeric text.
+    /// The value as a finite float, accepting ints and numeric text; never infinity or
+    /// NaN (which `str::parse` reads from `inf`, `NaN`, `1e999`): header values are
+    /// hostile, and a NaN compares false with every threshold. Callers still check the
+    /// range they can believe.
     pub fn as_f64(&self) -> Option<f64> {
-        match self {
-            HeaderValue::Float(f) => Some(*f),
-            HeaderValue::Int(i) => Some(*i as f64),
-            HeaderValue::Str(_) | HeaderValue::Bytes(_) => self.as_str()?.trim().parse().ok(),
-            _ => None,
-        }
+        let x = match self {
+            HeaderValue::Float(f) => *f,
+            HeaderValue::Int(i) => *i as f64,
+            HeaderValue::Str(_) | HeaderValue::Bytes(_) => self.as_str()?.trim().parse().ok()?,
+            _ => return None,
+        };
+        x.is_finite().then_some(x)
     }
 
     pub fn as_table(&self) -> Option<&Headers> {
@@ -197,5 +201,16 @@ mod tests {
         assert_eq!(HeaderValue::Float(3.0).as_i64(), Some(3));
         assert_eq!(HeaderValue::Float(3.5).as_i64(), None);
         assert_eq!(HeaderValue::from("0.5").as_f64(), Some(0.5));
+        assert_eq!(HeaderValue::from("1e300").as_f64(), Some(1e300));
+        for v in [
+            HeaderValue::from("inf"),
+            HeaderValue::from("-infinity"),
+            HeaderValue::from("NaN"),
+            HeaderValue::from("1e999"),
+            HeaderValue::Float(f64::NAN),
+            HeaderValue::Float(f64::NEG_INFINITY),
+        ] {
+            assert_eq!(v.as_f64(), None, "{v:?}");
+        }
     }
 }

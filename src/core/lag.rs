@@ -22,7 +22,7 @@
 //! Buckets are kept only across the span of lags actually seen: at most 2 049 `u32`
 //! counters (8 KiB), typically a few hundred bytes.
 
-use super::headers::Headers;
+use super::headers::{HeaderValue, Headers};
 use super::report::Report;
 use super::stamp::Stamp;
 use jiff::Timestamp;
@@ -31,6 +31,9 @@ use jiff::Timestamp;
 pub const H_LAG_P50: &str = "lag_p50";
 pub const H_LAG_P95: &str = "lag_p95";
 pub const H_LAG_MAX: &str = "lag_max";
+/// How many lags the interval's quantiles were taken over, so a reader can weigh
+/// intervals (see `core::health::window_lag_p95`).
+pub const H_LAG_COUNT: &str = "lag_count";
 
 /// Why a lag was not counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
@@ -230,11 +233,16 @@ pub struct LagSummary {
 }
 
 impl LagSummary {
-    /// Sets `lag_p50`, `lag_p95` and `lag_max` (seconds, millisecond precision).
+    /// Sets `lag_p50`, `lag_p95`, `lag_max` (seconds, millisecond precision) and
+    /// `lag_count`.
     pub fn set_headers(&self, h: &mut Headers) {
         h.set(H_LAG_P50, format!("{:.3}", self.p50));
         h.set(H_LAG_P95, format!("{:.3}", self.p95));
         h.set(H_LAG_MAX, format!("{:.3}", self.max));
+        h.set(
+            H_LAG_COUNT,
+            HeaderValue::Int(i64::try_from(self.count).unwrap_or(i64::MAX)),
+        );
     }
 }
 
@@ -245,6 +253,8 @@ pub struct LagHeaders {
     pub p50: Option<f64>,
     pub p95: Option<f64>,
     pub max: Option<f64>,
+    /// `lag_count`: an integer from 1 to 10¹²; `None` when missing or anything else.
+    pub count: Option<u64>,
 }
 
 impl LagHeaders {
@@ -258,11 +268,16 @@ impl LagHeaders {
             p50: field(H_LAG_P50),
             p95: field(H_LAG_P95),
             max: field(H_LAG_MAX),
+            count: h
+                .get(H_LAG_COUNT)
+                .and_then(HeaderValue::as_i64)
+                .filter(|n| (1..=1_000_000_000_000).contains(n))
+                .map(|n| n as u64),
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.p50.is_none() && self.p95.is_none() && self.max.is_none()
+        self.p50.is_none() && self.p95.is_none() && self.max.is_none() && self.count.is_none()
     }
 }
 
@@ -558,16 +573,34 @@ mod tests {
             LagHeaders {
                 p50: Some(1.234),
                 p95: Some(60.0),
-                max: Some(600.5)
+                max: Some(600.5),
+                count: Some(3),
             }
         );
         let mut bad = Headers::new();
         bad.set(H_LAG_P50, "NaN");
         bad.set(H_LAG_P95, HeaderValue::Float(-1.0));
         bad.set(H_LAG_MAX, "ten");
+        bad.set(H_LAG_COUNT, "-4");
         assert!(LagHeaders::read(&bad).is_empty());
+        for c in [
+            HeaderValue::Int(0),
+            HeaderValue::Int(i64::MAX),
+            HeaderValue::from("1e3"),
+            HeaderValue::Float(2.5),
+            HeaderValue::from("inf"),
+        ] {
+            let mut h = Headers::new();
+            h.set(H_LAG_COUNT, c.clone());
+            assert_eq!(LagHeaders::read(&h).count, None, "{c:?}");
+        }
         for v in [
             HeaderValue::from("inf"),
+            HeaderValue::from("-inf"),
+            HeaderValue::from("infinity"),
+            HeaderValue::from("NaN"),
+            HeaderValue::Float(f64::INFINITY),
+            HeaderValue::Float(f64::NAN),
             HeaderValue::from("1e300"),
             HeaderValue::Bool(true),
             HeaderValue::Table(Headers::new()),

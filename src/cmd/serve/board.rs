@@ -1,24 +1,42 @@
-//! What `serve` knows, pure: speedo readings in ([`Board::apply`]), per client and per
-//! source a window of history, counters and health out. No clock and no I/O: `now` is
-//! passed in, so every rule is tested without a broker.
+//! What `serve` knows, pure: speedo readings in ([`Board::apply`]), per client, per
+//! source and per (source, client) pair a window of history, counters, learned baselines
+//! and health out. No clock and no I/O: `now` is passed in, so every rule is tested
+//! without a broker.
 //!
 //! Counters survive a restart of `speedo`: a cumulative count that goes down is a restart
 //! (speedo's counts are per run), so the last value before it is added to an offset, as
 //! Prometheus does with counter resets. The errors of an interval are the difference of
 //! the cumulative error counts (the body carries no per-interval error count).
+//!
+//! **Pairs.** In the admin view, the per-client speedos of each declared source's
+//! `xr_<source>` are the pairs: a client that still receives other sources' products but
+//! stopped receiving one source's is named for that pair (`cfs stopped on radar`). A pair
+//! is judged with its client's thresholds. In a source's view the clients already are
+//! that source's pairs.
+//!
+//! **Learning.** Every interval of a client and of a source teaches its baseline
+//! (`core::baseline`, good files/s per hour of the week); pairs and the totals learn
+//! nothing. The owner persists [`Board::learning`]'s changes and loads them back.
+//!
+//! **Scopes.** [`Scope`] narrows what is reported (`check --client`, and later one
+//! account's own rows): a client with its pairs, or a source with its pairs.
 
 use crate::cmd::speedo::{Counts, Decoded, Reading, Subject};
 use crate::config::{Config as PumpConfig, Role, Thresholds};
-use crate::core::health::{self, Health, Interval, Learned, Observed, State};
+use crate::core::baseline::{
+    Baselines, DEFAULT_FLOOR, DEFAULT_MIN_DROP, Expectation, UnusualRule, WindowInterval,
+    hour_of_week,
+};
+use crate::core::health::{self, Health, Interval, IntervalLag, Observed, State};
 use jiff::{SignedDuration, Timestamp};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 /// Whose view `serve` shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum View {
-    /// Everything in `xreport`.
+    /// Everything in `xreport`, and the pairs from every declared `xr_<source>`.
     Admin,
     /// One source's `xr_<source>`: its products only.
     Source(String),
@@ -33,11 +51,13 @@ impl View {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Client,
     Source,
+    /// One client's transfers of one source's products.
+    Pair,
     /// The pump's (or the source's) totals.
     Total,
 }
@@ -47,10 +67,56 @@ impl Kind {
         match s {
             "client" => Some(Kind::Client),
             "source" => Some(Kind::Source),
+            "pair" => Some(Kind::Pair),
             "total" => Some(Kind::Total),
             _ => None,
         }
     }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Client => "client",
+            Kind::Source => "source",
+            Kind::Pair => "pair",
+            Kind::Total => "total",
+        }
+    }
+}
+
+/// What a report is narrowed to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// Everything the view holds.
+    #[default]
+    All,
+    /// One client's row and its pairs.
+    Client(String),
+    /// One source's row and its pairs (in a source's view, its clients).
+    Source(String),
+}
+
+impl Scope {
+    fn admits(&self, e: &Entity) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Client(c) => matches!(e.kind, Kind::Client | Kind::Pair) && e.name == *c,
+            Scope::Source(s) => match e.kind {
+                Kind::Source => e.name == *s,
+                Kind::Pair => e.source.as_deref() == Some(s),
+                _ => false,
+            },
+        }
+    }
+}
+
+/// One interval's delivery lag, from the speedo's headers.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct LagPoint {
+    pub p50: Option<f64>,
+    pub p95: f64,
+    pub max: Option<f64>,
+    /// Lags it was taken over (`lag_count`, else the interval's good files, at least 1).
+    pub count: u64,
 }
 
 /// One interval of history.
@@ -61,6 +127,7 @@ pub struct Point {
     pub files: u64,
     pub bytes: u64,
     pub errors: u64,
+    pub lag: Option<LagPoint>,
 }
 
 impl Point {
@@ -71,13 +138,29 @@ impl Point {
             0.0
         }
     }
+
+    fn interval(&self) -> Interval {
+        Interval {
+            end: self.end,
+            secs: self.secs,
+            good: self.files,
+            errors: self.errors,
+            lag: self.lag.map(|l| IntervalLag {
+                p95: l.p95,
+                count: l.count,
+            }),
+        }
+    }
 }
 
-/// One client, source, or the totals.
+/// One client, source, pair, or the totals.
 #[derive(Debug, Clone)]
 pub struct Entity {
     pub kind: Kind,
+    /// The client's name for a pair.
     pub name: String,
+    /// The source of a pair.
+    pub source: Option<String>,
     points: VecDeque<Point>,
     last: Option<Reading>,
     /// Counts before the last restarts of speedo.
@@ -90,6 +173,10 @@ pub struct Entity {
     /// Declared in the configuration: kept while silent.
     declared: bool,
     pub health: Health,
+    /// The baseline's verdict at the last evaluation.
+    pub expectation: Expectation,
+    /// The window's figures at the last evaluation.
+    window: health::WindowSums,
     version: u64,
 }
 
@@ -121,6 +208,7 @@ impl Entity {
         Entity {
             kind,
             name: name.to_owned(),
+            source: None,
             points: VecDeque::new(),
             last: None,
             offset: Counts::default(),
@@ -130,7 +218,25 @@ impl Entity {
             heard: None,
             declared,
             health: Health::unknown("nothing seen yet"),
+            expectation: Expectation::NotLearned,
+            window: health::WindowSums::default(),
             version: 0,
+        }
+    }
+
+    fn pair(source: &str, client: &str) -> Entity {
+        Entity {
+            source: Some(source.to_owned()),
+            ..Entity::new(Kind::Pair, client, false)
+        }
+    }
+
+    /// `cfs`, `source radar`, `cfs on radar`: how people read it.
+    pub fn label(&self) -> String {
+        match (self.kind, &self.source) {
+            (Kind::Pair, Some(s)) => format!("{} on {s}", self.name),
+            (Kind::Source, _) => format!("source {}", self.name),
+            _ => self.name.clone(),
         }
     }
 
@@ -154,8 +260,13 @@ impl Entity {
         self.last_good
     }
 
+    /// The latest interval's lag, if the speedo carried one.
+    pub fn last_lag(&self) -> Option<LagPoint> {
+        self.points.back().and_then(|p| p.lag)
+    }
+
     /// Takes a reading; false when it is not newer than the last one (a duplicate).
-    fn observe(&mut self, r: &Reading, history: Duration) -> bool {
+    fn observe(&mut self, r: &Reading, lag: Option<LagPoint>, history: Duration) -> bool {
         let end = r.end.0;
         let errors = match &self.last {
             Some(prev) if end <= prev.end.0 => return false,
@@ -192,6 +303,7 @@ impl Entity {
             files: r.interval_files,
             bytes: r.interval_bytes,
             errors,
+            lag,
         });
         let keep_from = end
             .checked_sub(SignedDuration::try_from(history).unwrap_or(SignedDuration::MAX))
@@ -203,37 +315,95 @@ impl Entity {
         true
     }
 
-    fn evaluate(&self, t: &Thresholds, now: Timestamp) -> Health {
-        let intervals: Vec<Interval> = self
-            .points
-            .iter()
-            .map(|p| Interval {
-                end: p.end,
-                secs: p.secs,
-                good: p.files,
-                errors: p.errors,
-            })
-            .collect();
+    /// Evaluates the rules at `now` and keeps the result; whether the state or the rules
+    /// that fired changed. `scratch` is reused between entities.
+    fn evaluate(
+        &mut self,
+        t: &Thresholds,
+        baselines: Option<&Baselines>,
+        scratch: &mut Vec<Interval>,
+        now: Timestamp,
+    ) -> bool {
+        scratch.clear();
+        let window = t.window.as_secs_f64();
+        // Only the window's intervals (and one before, which `window_sums` skips).
+        for p in self.points.iter().rev() {
+            scratch.push(p.interval());
+            if now.duration_since(p.end).as_secs_f64() >= window {
+                break;
+            }
+        }
+        scratch.reverse();
+        let expectation = match baselines {
+            Some(b) => {
+                let rule = UnusualRule {
+                    k: t.k,
+                    min_samples: u64::from(t.min_samples),
+                    min_drop: DEFAULT_MIN_DROP,
+                    floor: DEFAULT_FLOOR,
+                    window_s: window,
+                };
+                let win = scratch
+                    .iter()
+                    .filter(|i| now.duration_since(i.end).as_secs_f64() < window)
+                    .map(|i| WindowInterval {
+                        hour: hour_of_week(i.end),
+                        secs: i.secs,
+                        value: if i.secs > 0.0 {
+                            i.good as f64 / i.secs
+                        } else {
+                            0.0
+                        },
+                    });
+                b.expectation(&self.name, &rule, win)
+            }
+            None => Expectation::NotLearned,
+        };
         let o = Observed {
             first_seen: self.first_seen,
             last_good: self.last_good,
-            intervals: &intervals,
+            intervals: scratch,
         };
-        health::evaluate(t, &o, Learned::NotYet, now)
+        let h = health::evaluate(t, &o, &expectation, now);
+        self.window = health::window_sums(scratch, t.window, now);
+        self.expectation = expectation;
+        let same = h.state == self.health.state
+            && h.reasons.len() == self.health.reasons.len()
+            && h.reasons
+                .iter()
+                .zip(&self.health.reasons)
+                .all(|(a, b)| a.rule == b.rule);
+        self.health = h;
+        !same
     }
 
     pub fn status(&self, now: Timestamp) -> EntityStatus {
         let totals = self.totals();
         let p = self.points.back();
+        let lag = p.and_then(|p| p.lag);
         EntityStatus {
             kind: self.kind,
             name: self.name.clone(),
+            source: self.source.clone(),
+            label: self.label(),
             state: self.health.state,
             reason: self.health.summary(),
             reasons: self.health.reasons.clone(),
             files_per_s: p.map_or(0.0, |p| p.per_s(p.files)),
             bytes_per_s: p.map_or(0.0, |p| p.per_s(p.bytes)),
             errors_per_s: p.map_or(0.0, |p| p.per_s(p.errors)),
+            window_files_per_s: self.window.files_per_s(),
+            window_error_ratio: self.window.error_ratio(),
+            lag_p50_s: lag.and_then(|l| l.p50),
+            lag_p95_s: lag.map(|l| l.p95),
+            lag_max_s: lag.and_then(|l| l.max),
+            window_lag_p95_s: self.window.lag_p95,
+            expected: match self.expectation {
+                Expectation::NotLearned => "learning",
+                Expectation::Quiet => "quiet hour",
+                Expectation::Usual => "usual",
+                Expectation::Unusual { .. } => "unusual",
+            },
             good_total: totals.good,
             errors_total: totals.errors,
             good_bytes_total: totals.good_bytes,
@@ -251,6 +421,7 @@ impl Entity {
                 files_per_s: p.per_s(p.files),
                 bytes_per_s: p.per_s(p.bytes),
                 errors_per_s: p.per_s(p.errors),
+                lag_p95_s: p.lag.map(|l| l.p95),
             }),
         }
     }
@@ -260,11 +431,18 @@ fn unix(t: Timestamp) -> f64 {
     t.as_millisecond() as f64 / 1000.0
 }
 
-/// A client's, source's or the totals' status, as `/api/status` and the page show it.
+/// A client's, source's, pair's or the totals' status, as `/api/status` and the page
+/// show it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EntityStatus {
     pub kind: Kind,
+    /// The client's name for a pair.
     pub name: String,
+    /// The source of a pair.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// `cfs`, `source radar`, `cfs on radar`.
+    pub label: String,
     pub state: State,
     /// The reasons on one line (`ok` when none).
     pub reason: String,
@@ -273,6 +451,18 @@ pub struct EntityStatus {
     pub files_per_s: f64,
     pub bytes_per_s: f64,
     pub errors_per_s: f64,
+    /// Good files per second over the rules' window.
+    pub window_files_per_s: f64,
+    /// Failed share of the window's transfers (none without transfers).
+    pub window_error_ratio: Option<f64>,
+    /// The last interval's delivery lag quantiles, seconds.
+    pub lag_p50_s: Option<f64>,
+    pub lag_p95_s: Option<f64>,
+    pub lag_max_s: Option<f64>,
+    /// The window's p95 lag, as the `late` rule sees it.
+    pub window_lag_p95_s: Option<f64>,
+    /// The learned baseline's verdict: learning, quiet hour, usual, unusual.
+    pub expected: &'static str,
     /// Since serve started (speedo restarts included).
     pub good_total: u64,
     pub errors_total: u64,
@@ -298,26 +488,114 @@ pub struct PointJson {
     pub files_per_s: f64,
     pub bytes_per_s: f64,
     pub errors_per_s: f64,
+    pub lag_p95_s: Option<f64>,
 }
 
-/// The pump's (or the source's) overall state: the worst one, offenders first.
+/// How many are in each state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateCounts {
+    pub ok: usize,
+    pub warning: usize,
+    pub critical: usize,
+    pub unknown: usize,
+}
+
+impl StateCounts {
+    fn add(&mut self, s: State) {
+        match s {
+            State::Ok => self.ok += 1,
+            State::Warning => self.warning += 1,
+            State::Critical => self.critical += 1,
+            State::Unknown => self.unknown += 1,
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.ok + self.warning + self.critical + self.unknown
+    }
+
+    pub fn get(&self, s: State) -> usize {
+        match s {
+            State::Ok => self.ok,
+            State::Warning => self.warning,
+            State::Critical => self.critical,
+            State::Unknown => self.unknown,
+        }
+    }
+}
+
+/// The pump's (or the scope's) overall state: the worst one, offenders first.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PumpStatus {
     pub view: String,
     pub state: State,
-    /// `CRITICAL - 1 critical, 0 warning, 2 ok, 0 unknown: client cfs stopped: …`
+    /// `CRITICAL - 1 critical, 0 warning, 0 unknown, 2 ok; cfs stopped (…)`
     pub text: String,
+    /// Clients and sources together, by state.
     pub counts: BTreeMap<State, usize>,
+    pub clients: StateCounts,
+    pub sources: StateCounts,
+    pub pairs: StateCounts,
+    /// Clients in trouble in their own row or in one of their pairs.
+    pub clients_in_trouble: usize,
+    pub sources_in_trouble: usize,
+    /// Every WARNING and CRITICAL, worst first, then by label.
     pub offenders: Vec<Offender>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Offender {
     pub kind: Kind,
     pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
     pub state: State,
+    /// The reasons on one line.
     pub reason: String,
+    pub reasons: Vec<health::Reason>,
 }
+
+/// `/api/check`: what `pumpwatch check` needs, in one answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckAnswer {
+    pub view: String,
+    pub generated: String,
+    pub clients: StateCounts,
+    pub sources: StateCounts,
+    pub pairs: StateCounts,
+    pub clients_in_trouble: usize,
+    pub sources_in_trouble: usize,
+    /// The first [`CHECK_OFFENDERS`] offenders, worst first.
+    pub offenders: Vec<Offender>,
+    /// Offenders left out of `offenders`.
+    pub more_offenders: usize,
+    /// The totals' good files and errors per second over their window.
+    pub files_per_s: f64,
+    pub errors_per_s: f64,
+    /// The client or source asked for (`?client=` / `?source=`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<CheckSubject>,
+}
+
+/// One client or source, for `check --client/--source`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckSubject {
+    pub kind: Kind,
+    pub name: String,
+    /// Whether serve knows it at all.
+    pub known: bool,
+    /// Its own row's state (its pairs are in the offenders).
+    pub state: State,
+    pub reasons: Vec<health::Reason>,
+    /// Good files/s over its window.
+    pub files_per_s: f64,
+    pub error_ratio: Option<f64>,
+    pub since_last_good_s: Option<f64>,
+    pub lag_p95_s: Option<f64>,
+}
+
+/// How many offenders `/api/check` lists (the plugin's text is cut at 2 KiB anyway).
+pub const CHECK_OFFENDERS: usize = 500;
 
 /// `/api/status`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -327,6 +605,7 @@ pub struct Status {
     pub total: EntityStatus,
     pub clients: Vec<EntityStatus>,
     pub sources: Vec<EntityStatus>,
+    pub pairs: Vec<EntityStatus>,
 }
 
 /// What changed since a version: one server-sent event.
@@ -346,6 +625,8 @@ pub struct Delta {
 pub struct Removed {
     pub kind: Kind,
     pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// Chart data of one entity: unix seconds and per-second rates, oldest first.
@@ -355,6 +636,8 @@ pub struct Series {
     pub files_per_s: Vec<f64>,
     pub bytes_per_s: Vec<f64>,
     pub errors_per_s: Vec<f64>,
+    /// The interval's p95 lag (null when it carried none).
+    pub lag_p95_s: Vec<Option<f64>>,
 }
 
 /// What was done with the speedos received.
@@ -371,19 +654,69 @@ pub struct Intake {
 /// How many removals are remembered for event streams that are behind.
 const REMOVED_KEEP: usize = 10_000;
 
+/// Thresholds per name, with the default.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ThresholdSet {
+    pub default: Thresholds,
+    pub by_name: BTreeMap<String, Thresholds>,
+}
+
+impl ThresholdSet {
+    pub fn from_config(pump: &PumpConfig) -> ThresholdSet {
+        ThresholdSet {
+            default: pump.default_thresholds,
+            by_name: pump.thresholds.clone(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> &Thresholds {
+        self.by_name.get(name).unwrap_or(&self.default)
+    }
+}
+
+/// The learned baselines, per client and per source.
+#[derive(Debug, Clone, Default)]
+pub struct Learning {
+    pub clients: Baselines,
+    pub sources: Baselines,
+}
+
+impl Learning {
+    pub fn of(&self, kind: Kind) -> Option<&Baselines> {
+        match kind {
+            Kind::Client => Some(&self.clients),
+            Kind::Source => Some(&self.sources),
+            Kind::Pair | Kind::Total => None,
+        }
+    }
+
+    pub fn of_mut(&mut self, kind: Kind) -> Option<&mut Baselines> {
+        match kind {
+            Kind::Client => Some(&mut self.clients),
+            Kind::Source => Some(&mut self.sources),
+            Kind::Pair | Kind::Total => None,
+        }
+    }
+}
+
+type PairKey = (String, String);
+
 /// Everything `serve` knows.
 #[derive(Debug)]
 pub struct Board {
     view: View,
     history: Duration,
-    default_thresholds: Thresholds,
-    thresholds: BTreeMap<String, Thresholds>,
+    thresholds: ThresholdSet,
     clients: HashMap<String, Entity>,
     sources: HashMap<String, Entity>,
+    /// (source, client)
+    pairs: HashMap<PairKey, Entity>,
     total: Entity,
     version: u64,
     removed: VecDeque<(u64, Removed)>,
     pub intake: Intake,
+    pub learning: Learning,
+    scratch: Vec<Interval>,
 }
 
 impl Board {
@@ -416,13 +749,15 @@ impl Board {
             total: Entity::new(Kind::Total, "all", true),
             view,
             history,
-            default_thresholds: pump.default_thresholds,
-            thresholds: pump.thresholds.clone(),
+            thresholds: ThresholdSet::from_config(pump),
             clients,
             sources,
+            pairs: HashMap::new(),
             version: 1,
             removed: VecDeque::new(),
             intake: Intake::default(),
+            learning: Learning::default(),
+            scratch: Vec::new(),
         }
     }
 
@@ -435,10 +770,12 @@ impl Board {
     }
 
     pub fn thresholds_for(&self, name: &str) -> Thresholds {
-        self.thresholds
-            .get(name)
-            .copied()
-            .unwrap_or(self.default_thresholds)
+        *self.thresholds.get(name)
+    }
+
+    /// New thresholds (SIGHUP): every state is evaluated again at the next sweep.
+    pub fn set_thresholds(&mut self, t: ThresholdSet) {
+        self.thresholds = t;
     }
 
     pub fn clients(&self) -> impl Iterator<Item = &Entity> {
@@ -449,6 +786,10 @@ impl Board {
         self.sources.values()
     }
 
+    pub fn pairs(&self) -> impl Iterator<Item = &Entity> {
+        self.pairs.values()
+    }
+
     pub fn total(&self) -> &Entity {
         &self.total
     }
@@ -457,53 +798,78 @@ impl Board {
         match kind {
             Kind::Client => self.clients.get(name),
             Kind::Source => self.sources.get(name),
+            Kind::Pair => self.pairs.values().find(|e| e.label() == name),
             Kind::Total => Some(&self.total),
         }
     }
 
+    pub fn pair(&self, source: &str, client: &str) -> Option<&Entity> {
+        self.pairs.get(&(source.to_owned(), client.to_owned()))
+    }
+
     /// Takes one speedo received at `now`.
     pub fn apply(&mut self, d: &Decoded, now: Timestamp) {
-        let scope_ok = match (&self.view, &d.scope) {
-            (View::Admin, None) => true,
-            (View::Source(s), Some(scope)) => s == scope,
-            (View::Source(s), None) => matches!(&d.subject, Subject::Source(n) if n == s),
-            (View::Admin, Some(_)) => false,
-        };
-        let (kind, name) = match &d.subject {
-            Subject::Client(c) if scope_ok => (Kind::Client, c.as_str()),
-            Subject::Source(s) if scope_ok => (Kind::Source, s.as_str()),
-            Subject::AllClients if scope_ok => (Kind::Total, "all"),
+        enum Target<'a> {
+            Client(&'a str),
+            Source(&'a str),
+            Pair(&'a str, &'a str),
+            Total,
+        }
+        let target = match (&self.view, &d.scope, &d.subject) {
+            (View::Admin, None, Subject::Client(c)) => Target::Client(c),
+            (View::Admin, None, Subject::Source(s)) => Target::Source(s),
+            (View::Admin, None, Subject::AllClients) => Target::Total,
+            // From xr_<source>: one client's transfers of that source's products.
+            (View::Admin, Some(s), Subject::Client(c)) => Target::Pair(s, c),
+            (View::Source(me), Some(s), Subject::Client(c)) if me == s => Target::Client(c),
+            (View::Source(me), Some(s), Subject::AllClients) if me == s => Target::Total,
+            (View::Source(me), None, Subject::Source(s)) if me == s => Target::Source(s),
             _ => {
                 self.intake.ignored += 1;
                 return;
             }
         };
-        if let (View::Source(me), Kind::Source) = (&self.view, kind)
-            && me != name
-        {
-            self.intake.ignored += 1;
-            return;
-        }
-        let thresholds = self.thresholds_for(name);
+        let lag = d.lag.p95.map(|p95| LagPoint {
+            p50: d.lag.p50,
+            p95,
+            max: d.lag.max,
+            count: d.lag.count.unwrap_or(d.reading.interval_files).max(1),
+        });
         let version = self.version + 1;
         let history = self.history;
-        let e = match kind {
-            Kind::Client => self
-                .clients
-                .entry(name.to_owned())
-                .or_insert_with(|| Entity::new(Kind::Client, name, false)),
-            Kind::Source => self
-                .sources
-                .entry(name.to_owned())
-                .or_insert_with(|| Entity::new(Kind::Source, name, false)),
-            Kind::Total => &mut self.total,
+        let (e, thresholds) = match target {
+            Target::Client(c) => (
+                self.clients
+                    .entry(c.to_owned())
+                    .or_insert_with(|| Entity::new(Kind::Client, c, false)),
+                self.thresholds.get(c),
+            ),
+            Target::Source(s) => (
+                self.sources
+                    .entry(s.to_owned())
+                    .or_insert_with(|| Entity::new(Kind::Source, s, false)),
+                self.thresholds.get(s),
+            ),
+            Target::Pair(s, c) => (
+                self.pairs
+                    .entry((s.to_owned(), c.to_owned()))
+                    .or_insert_with(|| Entity::pair(s, c)),
+                self.thresholds.get(c),
+            ),
+            Target::Total => (&mut self.total, self.thresholds.get("all")),
         };
-        if !e.observe(&d.reading, history) {
+        if !e.observe(&d.reading, lag, history) {
             self.intake.stale += 1;
             return;
         }
+        let r = &d.reading;
+        if let Some(b) = self.learning.of_mut(e.kind)
+            && r.interval_s > 0.0
+        {
+            b.observe(&e.name, r.end.0, r.interval_files as f64 / r.interval_s);
+        }
         e.heard = Some(now);
-        e.health = e.evaluate(&thresholds, now);
+        e.evaluate(thresholds, self.learning.of(e.kind), &mut self.scratch, now);
         e.version = version;
         self.version = version;
         self.intake.applied += 1;
@@ -517,46 +883,48 @@ impl Board {
         let mut changed = false;
         let history = self.history;
         let mut gone = Vec::new();
-        for (kind, map) in [
-            (Kind::Client, &mut self.clients),
-            (Kind::Source, &mut self.sources),
-        ] {
-            map.retain(|name, e| {
-                let silent = e.heard.is_some_and(|h| later(h, history) < now);
-                if silent && !e.declared {
-                    gone.push(Removed {
-                        kind,
-                        name: name.clone(),
-                    });
+        let silent = |e: &Entity| e.heard.is_some_and(|h| later(h, history) < now) && !e.declared;
+        for map in [&mut self.clients, &mut self.sources] {
+            map.retain(|_, e| {
+                if silent(e) {
+                    gone.push(removed(e));
                     return false;
                 }
                 true
             });
         }
-        let thresholds = |name: &str| {
-            self.thresholds
-                .get(name)
-                .copied()
-                .unwrap_or(self.default_thresholds)
-        };
-        for e in self
-            .clients
+        self.pairs.retain(|_, e| {
+            if silent(e) {
+                gone.push(removed(e));
+                return false;
+            }
+            true
+        });
+        let Board {
+            thresholds,
+            clients,
+            sources,
+            pairs,
+            total,
+            learning,
+            scratch,
+            ..
+        } = self;
+        for e in clients
             .values_mut()
-            .chain(self.sources.values_mut())
-            .chain(std::iter::once(&mut self.total))
+            .chain(sources.values_mut())
+            .chain(pairs.values_mut())
+            .chain(std::iter::once(total))
         {
-            let h = e.evaluate(&thresholds(&e.name), now);
-            let same = h.state == e.health.state
-                && h.reasons.len() == e.health.reasons.len()
-                && h.reasons
-                    .iter()
-                    .zip(&e.health.reasons)
-                    .all(|(a, b)| a.rule == b.rule);
-            if !same {
+            let key = match e.kind {
+                Kind::Total => "all",
+                _ => e.name.as_str(),
+            };
+            let t = *thresholds.get(key);
+            if e.evaluate(&t, learning.of(e.kind), scratch, now) {
                 e.version = version;
                 changed = true;
             }
-            e.health = h;
         }
         if !gone.is_empty() {
             changed = true;
@@ -573,18 +941,40 @@ impl Board {
         changed
     }
 
-    /// The pump's state: the worst of every client and source.
-    pub fn pump(&self) -> PumpStatus {
-        let mut counts: BTreeMap<State, usize> = State::ALL.iter().map(|s| (*s, 0)).collect();
+    /// Clients, sources and pairs (not the totals) within `scope`.
+    fn scoped<'a>(&'a self, scope: &'a Scope) -> impl Iterator<Item = &'a Entity> + 'a {
+        self.clients
+            .values()
+            .chain(self.sources.values())
+            .chain(self.pairs.values())
+            .filter(move |e| scope.admits(e))
+    }
+
+    /// The pump's state within `scope`: the worst of every client, source and pair.
+    pub fn pump(&self, scope: &Scope) -> PumpStatus {
+        let mut clients = StateCounts::default();
+        let mut sources = StateCounts::default();
+        let mut pairs = StateCounts::default();
         let mut offenders = Vec::new();
-        for e in self.clients.values().chain(self.sources.values()) {
-            *counts.entry(e.health.state).or_default() += 1;
+        let mut troubled: std::collections::HashSet<&str> = Default::default();
+        for e in self.scoped(scope) {
+            match e.kind {
+                Kind::Client => clients.add(e.health.state),
+                Kind::Source => sources.add(e.health.state),
+                Kind::Pair => pairs.add(e.health.state),
+                Kind::Total => {}
+            }
             if matches!(e.health.state, State::Warning | State::Critical) {
+                if e.kind != Kind::Source {
+                    troubled.insert(e.name.as_str());
+                }
                 offenders.push(Offender {
                     kind: e.kind,
                     name: e.name.clone(),
+                    source: e.source.clone(),
                     state: e.health.state,
                     reason: e.health.summary(),
+                    reasons: e.health.reasons.clone(),
                 });
             }
         }
@@ -593,19 +983,20 @@ impl Board {
                 .severity()
                 .cmp(&a.state.severity())
                 .then_with(|| a.name.cmp(&b.name))
+                .then_with(|| a.kind.cmp(&b.kind))
+                .then_with(|| a.source.cmp(&b.source))
         });
-        let state = if self.clients.is_empty() && self.sources.is_empty() {
-            State::Unknown
-        } else {
-            offenders
-                .first()
-                .map(|o| o.state)
-                .unwrap_or(if counts[&State::Ok] > 0 {
-                    State::Ok
-                } else {
-                    State::Unknown
-                })
+        let mut counts: BTreeMap<State, usize> = State::ALL.iter().map(|s| (*s, 0)).collect();
+        for s in State::ALL {
+            *counts.entry(s).or_default() += clients.get(s) + sources.get(s);
+        }
+        let all = clients.total() + sources.total() + pairs.total();
+        let state = match offenders.first() {
+            Some(o) => o.state,
+            None if clients.ok + sources.ok + pairs.ok > 0 => State::Ok,
+            None => State::Unknown,
         };
+        let _ = all;
         let mut text = format!(
             "{state} - {} critical, {} warning, {} unknown, {} ok",
             counts[&State::Critical],
@@ -618,56 +1009,120 @@ impl Board {
                 text.push_str(&format!("; and {} more", offenders.len() - 10));
                 break;
             }
-            let kind = if o.kind == Kind::Client {
-                "client"
-            } else {
-                "source"
-            };
-            text.push_str(&format!("; {kind} {} {}", o.name, o.reason));
+            text.push_str(&format!("; {} {}", offender_label(o), o.reason));
         }
         PumpStatus {
             view: self.view.label(),
             state,
             text,
             counts,
+            clients_in_trouble: troubled.len(),
+            sources_in_trouble: sources.warning + sources.critical,
+            clients,
+            sources,
+            pairs,
             offenders,
         }
     }
 
-    fn sorted(map: &HashMap<String, Entity>, now: Timestamp) -> Vec<EntityStatus> {
-        let mut v: Vec<&Entity> = map.values().collect();
+    /// `/api/check`: counts, offenders and the totals within `scope`, and the client or
+    /// source the scope names.
+    pub fn check(&self, scope: &Scope, now: Timestamp) -> CheckAnswer {
+        let mut p = self.pump(scope);
+        let more = p.offenders.len().saturating_sub(CHECK_OFFENDERS);
+        p.offenders.truncate(CHECK_OFFENDERS);
+        let w = &self.total.window;
+        let subject = match scope {
+            Scope::All => None,
+            Scope::Client(n) | Scope::Source(n) => {
+                let kind = if matches!(scope, Scope::Client(_)) {
+                    Kind::Client
+                } else {
+                    Kind::Source
+                };
+                Some(match self.entity(kind, n) {
+                    Some(e) => CheckSubject {
+                        kind,
+                        name: n.clone(),
+                        known: true,
+                        state: e.health.state,
+                        reasons: e.health.reasons.clone(),
+                        files_per_s: e.window.files_per_s(),
+                        error_ratio: e.window.error_ratio(),
+                        since_last_good_s: e
+                            .last_good
+                            .map(|t| now.duration_since(t).as_secs_f64().max(0.0)),
+                        lag_p95_s: e.window.lag_p95,
+                    },
+                    None => CheckSubject {
+                        kind,
+                        name: n.clone(),
+                        known: false,
+                        state: State::Unknown,
+                        reasons: vec![],
+                        files_per_s: 0.0,
+                        error_ratio: None,
+                        since_last_good_s: None,
+                        lag_p95_s: None,
+                    },
+                })
+            }
+        };
+        CheckAnswer {
+            view: p.view,
+            generated: now.to_string(),
+            clients: p.clients,
+            sources: p.sources,
+            pairs: p.pairs,
+            clients_in_trouble: p.clients_in_trouble,
+            sources_in_trouble: p.sources_in_trouble,
+            offenders: p.offenders,
+            more_offenders: more,
+            files_per_s: w.files_per_s(),
+            errors_per_s: if w.covered > 0.0 {
+                w.errors as f64 / w.covered
+            } else {
+                0.0
+            },
+            subject,
+        }
+    }
+
+    fn sorted<'a>(it: impl Iterator<Item = &'a Entity>, now: Timestamp) -> Vec<EntityStatus> {
+        let mut v: Vec<&Entity> = it.collect();
         v.sort_by(|a, b| {
             b.health
                 .state
                 .severity()
                 .cmp(&a.health.state.severity())
                 .then_with(|| a.name.cmp(&b.name))
+                .then_with(|| a.source.cmp(&b.source))
         });
         v.into_iter().map(|e| e.status(now)).collect()
     }
 
-    /// `/api/status`: every client and source, worst first, then by name.
-    pub fn status(&self, now: Timestamp) -> Status {
+    /// `/api/status` within `scope`: every client, source and pair, worst first, then
+    /// by name.
+    pub fn status(&self, scope: &Scope, now: Timestamp) -> Status {
         Status {
             generated: now.to_string(),
-            pump: self.pump(),
+            pump: self.pump(scope),
             total: self.total.status(now),
-            clients: Board::sorted(&self.clients, now),
-            sources: Board::sorted(&self.sources, now),
+            clients: Board::sorted(self.clients.values().filter(|e| scope.admits(e)), now),
+            sources: Board::sorted(self.sources.values().filter(|e| scope.admits(e)), now),
+            pairs: Board::sorted(self.pairs.values().filter(|e| scope.admits(e)), now),
         }
     }
 
-    /// What changed after `since` (0 = everything), as one event.
-    pub fn delta(&self, since: u64, now: Timestamp) -> Delta {
+    /// What changed after `since` (0 = everything) within `scope`, as one event.
+    pub fn delta(&self, since: u64, scope: &Scope, now: Timestamp) -> Delta {
         let full = since == 0
             || self
                 .removed
                 .front()
                 .is_some_and(|(v, _)| *v > since && self.removed.len() >= REMOVED_KEEP);
         let entities = self
-            .clients
-            .values()
-            .chain(self.sources.values())
+            .scoped(scope)
             .filter(|e| full || e.version > since)
             .map(|e| e.status(now))
             .collect();
@@ -684,14 +1139,14 @@ impl Board {
             version: self.version,
             full,
             generated: now.to_string(),
-            pump: self.pump(),
+            pump: self.pump(scope),
             total: self.total.status(now),
             entities,
             removed,
         }
     }
 
-    /// The chart data of one entity.
+    /// The chart data of one entity (a pair by its label, `cfs on radar`).
     pub fn series(&self, kind: Kind, name: &str) -> Option<Series> {
         let e = self.entity(kind, name)?;
         let mut s = Series::default();
@@ -700,8 +1155,26 @@ impl Board {
             s.files_per_s.push(p.per_s(p.files));
             s.bytes_per_s.push(p.per_s(p.bytes));
             s.errors_per_s.push(p.per_s(p.errors));
+            s.lag_p95_s.push(p.lag.map(|l| l.p95));
         }
         Some(s)
+    }
+}
+
+fn removed(e: &Entity) -> Removed {
+    Removed {
+        kind: e.kind,
+        name: e.name.clone(),
+        source: e.source.clone(),
+    }
+}
+
+/// `cfs`, `source radar`, `cfs on radar`.
+pub fn offender_label(o: &Offender) -> String {
+    match (o.kind, &o.source) {
+        (Kind::Pair, Some(s)) => format!("{} on {s}", o.name),
+        (Kind::Source, _) => format!("source {}", o.name),
+        _ => o.name.clone(),
     }
 }
 
@@ -732,6 +1205,7 @@ mod tests {
             subject,
             scope: scope.map(Into::into),
             reading: r,
+            lag: Default::default(),
         }
     }
 
@@ -790,24 +1264,27 @@ mod tests {
         let e = b.entity(Kind::Client, "cfs").unwrap();
         assert_eq!(e.health.state, State::Critical);
         let v = b.version();
-        let delta = b.delta(v - 1, t(181.0));
+        let delta = b.delta(v - 1, &Scope::All, t(181.0));
         assert_eq!(delta.entities.len(), 1);
-        assert_eq!(b.pump().state, State::Critical);
+        assert_eq!(b.pump(&Scope::All).state, State::Critical);
         assert!(
-            b.pump().text.contains("client cfs stopped"),
+            b.pump(&Scope::All)
+                .text
+                .contains("; cfs stopped (no delivery for"),
             "{}",
-            b.pump().text
+            b.pump(&Scope::All).text
         );
         // Not heard of for the whole history: gone (declared accounts stay).
         assert!(b.sweep(t(700.0)));
         assert!(b.entity(Kind::Client, "cfs").is_none());
         assert!(b.entity(Kind::Client, "edu").is_some());
-        let delta = b.delta(v, t(700.0));
+        let delta = b.delta(v, &Scope::All, t(700.0));
         assert_eq!(
             delta.removed,
             [Removed {
                 kind: Kind::Client,
-                name: "cfs".into()
+                name: "cfs".into(),
+                source: None,
             }]
         );
     }
@@ -815,7 +1292,7 @@ mod tests {
     #[test]
     fn declared_accounts_are_unknown_until_seen() {
         let b = Board::new(&pump(), View::Admin, Duration::from_secs(600));
-        let s = b.status(t(0.0));
+        let s = b.status(&Scope::All, t(0.0));
         assert_eq!(s.clients.len(), 1);
         assert_eq!(s.sources.len(), 1);
         assert_eq!(s.clients[0].state, State::Unknown);
@@ -863,5 +1340,164 @@ mod tests {
         assert_eq!(radar.sources().count(), 1);
         let series = radar.series(Kind::Client, "cfs").unwrap();
         assert_eq!(series.files_per_s, [0.05]);
+    }
+
+    fn lagged(r: Reading, p95: f64, count: u64) -> Decoded {
+        Decoded {
+            lag: crate::core::lag::LagHeaders {
+                p50: Some(p95 / 2.0),
+                p95: Some(p95),
+                max: Some(p95 * 2.0),
+                count: Some(count),
+            },
+            ..d(cfs(), None, r)
+        }
+    }
+
+    #[test]
+    fn a_pair_that_stops_is_named_with_both() {
+        let mut b = Board::new(&pump(), View::Admin, Duration::from_secs(3600));
+        let mut good = 0;
+        for k in 1..=10u32 {
+            let end = 60.0 * f64::from(k);
+            good += 20;
+            // cfs keeps receiving (its own row), but radar's products stop after minute 3.
+            b.apply(&d(cfs(), None, reading(end, good, 0, 20)), t(end));
+            let radar = if k <= 3 { 10 * u64::from(k) } else { 30 };
+            let files = if k <= 3 { 10 } else { 0 };
+            b.apply(
+                &d(cfs(), Some("radar"), reading(end, radar, 0, files)),
+                t(end),
+            );
+        }
+        // thresholds.cfs.td = 120: the pair stopped at 180 s, now 600 s.
+        b.sweep(t(600.0));
+        assert_eq!(
+            b.entity(Kind::Client, "cfs").unwrap().health.state,
+            State::Ok
+        );
+        let pair = b.pair("radar", "cfs").unwrap();
+        assert_eq!(pair.health.state, State::Critical);
+        assert_eq!(pair.label(), "cfs on radar");
+        let p = b.pump(&Scope::All);
+        assert_eq!((p.state, p.clients_in_trouble), (State::Critical, 1));
+        assert_eq!(p.offenders[0].kind, Kind::Pair);
+        assert_eq!(p.offenders[0].source.as_deref(), Some("radar"));
+        // Narrowed to cfs, or to radar: the pair is there; to edu: not.
+        for scope in [Scope::Client("cfs".into()), Scope::Source("radar".into())] {
+            assert_eq!(b.check(&scope, t(600.0)).offenders.len(), 1, "{scope:?}");
+        }
+        let edu = b.check(&Scope::Client("edu".into()), t(600.0));
+        assert!(edu.offenders.is_empty());
+        assert_eq!(edu.subject.unwrap().state, State::Unknown);
+        let st = b.status(&Scope::All, t(600.0));
+        assert_eq!(st.pairs.len(), 1);
+        // A source's view has no pairs: its clients are its pairs.
+        let mut radar = Board::new(
+            &pump(),
+            View::Source("radar".into()),
+            Duration::from_secs(600),
+        );
+        radar.apply(&d(cfs(), Some("radar"), reading(60.0, 10, 0, 10)), t(60.0));
+        assert_eq!(radar.pairs().count(), 0);
+        assert_eq!(radar.clients().count(), 1);
+    }
+
+    #[test]
+    fn late_from_the_lag_headers_and_cleared_on_recovery() {
+        let mut pump = pump();
+        pump.thresholds.get_mut("cfs").unwrap().max_lag = Some(Duration::from_secs(300));
+        let mut b = Board::new(&pump, View::Admin, Duration::from_secs(3600));
+        for k in 1..=10u64 {
+            let end = 60.0 * k as f64;
+            b.apply(&lagged(reading(end, 10 * k, 0, 10), 600.0, 10), t(end));
+        }
+        let e = b.entity(Kind::Client, "cfs").unwrap();
+        assert_eq!(e.health.state, State::Warning);
+        assert_eq!(e.health.summary(), "late (p95 lag 600s > max_lag 300s)");
+        let s = e.status(t(600.0));
+        assert_eq!(
+            (s.lag_p95_s, s.window_lag_p95_s),
+            (Some(600.0), Some(600.0))
+        );
+        // Ten punctual intervals push the late ones out of the window.
+        for k in 11..=20u64 {
+            let end = 60.0 * k as f64;
+            b.apply(&lagged(reading(end, 10 * k, 0, 10), 2.0, 10), t(end));
+        }
+        assert_eq!(
+            b.entity(Kind::Client, "cfs").unwrap().health.state,
+            State::Ok
+        );
+    }
+
+    #[test]
+    fn learned_baselines_make_a_drop_unusual_after_a_full_window() {
+        // Monday 2024-01-01 00:00 UTC, in the board's seconds.
+        let monday = 1_704_067_200.0 - 1_700_000_000.0;
+        let mut b = Board::new(&pump(), View::Admin, Duration::from_secs(3600));
+        // Three weeks of 60 files a minute for edu, at Mondays 10:00-11:00 only.
+        let mut good = 0;
+        let mut last = 0.0;
+        for w in 0..3u32 {
+            for m in 0..60u32 {
+                let end =
+                    monday + f64::from(w) * 7.0 * 86_400.0 + 10.0 * 3600.0 + 60.0 * f64::from(m);
+                good += 60 + u64::from(m % 3);
+                let r = reading(end, good, 0, 60 + u64::from(m % 3));
+                b.apply(&d(Subject::Client("edu".into()), None, r), t(end));
+                last = end;
+            }
+        }
+        assert_eq!(b.learning.clients.len(), 1);
+        // Week 4: half as much from 10:00.
+        let start = monday + 3.0 * 7.0 * 86_400.0 + 10.0 * 3600.0;
+        let mut states = Vec::new();
+        for m in 1..=12 {
+            let end = start + 60.0 * f64::from(m);
+            good += 30;
+            let r = reading(end, good, 0, 30);
+            b.apply(&d(Subject::Client("edu".into()), None, r), t(end));
+            let e = b.entity(Kind::Client, "edu").unwrap();
+            states.push(e.health.state);
+        }
+        let _ = last;
+        // Not before a full window (10 intervals) of lower rates, then WARNING unusual.
+        assert!(states[..9].iter().all(|s| *s == State::Ok), "{states:?}");
+        assert_eq!(states[10], State::Warning, "{states:?}");
+        let e = b.entity(Kind::Client, "edu").unwrap();
+        assert!(
+            e.health.summary().starts_with("unusual (0.5 files/s <"),
+            "{}",
+            e.health.summary()
+        );
+        assert_eq!(e.status(t(start)).expected, "unusual");
+        let rows = b.learning.clients.drain_changed();
+        assert!(!rows.is_empty());
+    }
+
+    #[test]
+    fn thresholds_reload_applies_at_the_next_sweep() {
+        let mut b = Board::new(&pump(), View::Admin, Duration::from_secs(3600));
+        b.apply(
+            &d(
+                Subject::Client("edu".into()),
+                None,
+                reading(60.0, 30, 0, 30),
+            ),
+            t(60.0),
+        );
+        b.sweep(t(200.0));
+        assert_eq!(
+            b.entity(Kind::Client, "edu").unwrap().health.state,
+            State::Ok
+        );
+        let tighter = PumpConfig::parse("[thresholds.edu]\ntd = 100\n", "t.toml").unwrap();
+        b.set_thresholds(ThresholdSet::from_config(&tighter));
+        assert!(b.sweep(t(200.0)));
+        assert_eq!(
+            b.entity(Kind::Client, "edu").unwrap().health.state,
+            State::Critical
+        );
     }
 }

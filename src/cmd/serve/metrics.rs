@@ -135,7 +135,7 @@ impl Collector for BoardCollector {
                     .iter()
                     .map(|e| (e.name.clone(), e.health.state))
                     .collect(),
-                None => vec![(String::new(), board.pump().state)],
+                None => vec![(String::new(), board.pump(&super::board::Scope::All).state)],
             };
             for (n, current) in &states {
                 for s in State::ALL {

@@ -8,16 +8,25 @@
 //! - `/metrics` Prometheus text ([`metrics`]); `/healthz`.
 //!
 //! Which speedos: an admin binds an exclusive queue `q_<user>.serve.<random>` to `xreport`
-//! (`v01.speedo.#`); a source (`--source NAME`, or a broker user the configuration declares
-//! as a source) binds to `xr_<source>` and sees its own products only. Speedos are acked
-//! once applied to the board: they are readings, and the next one carries the same
-//! cumulative counts, so losing one on a crash loses nothing but a chart point.
+//! (`v01.speedo.#`) and to each declared source's `xr_<source>` (`v01.speedo.client.#`:
+//! the (source, client) pairs); a source (`--source NAME`, or a broker user the
+//! configuration declares as a source) binds to `xr_<source>` and sees its own products
+//! only. Speedos are acked once applied to the board: they are readings, and the next one
+//! carries the same cumulative counts, so losing one on a crash loses nothing but a chart
+//! point.
+//!
+//! Health is evaluated on every speedo and every `push_every` (1 s), so a client that
+//! stops sending turns CRITICAL by time alone. `SIGHUP` reads the configuration file
+//! again and applies its thresholds; a file that does not parse is logged and the old
+//! thresholds stay. With `--state-dir DIR` the learned baselines are kept in
+//! `DIR/baselines.sqlite3` ([`state`]): loaded at start, written in batches.
 
 pub mod board;
 pub mod metrics;
 mod routes;
+pub mod state;
 
-pub use board::{Board, Kind, Status, View};
+pub use board::{Board, CheckAnswer, Kind, Scope, Status, View};
 
 use super::{Common, Error, UsageError, parse_duration, parse_listen};
 use crate::broker::amqp::{AmqpError, Client, ConnectOptions, QueueDecl, Topology};
@@ -31,7 +40,9 @@ use crate::shutdown::Shutdown;
 use jiff::Timestamp;
 use prometheus_client::collector::Collector;
 use prometheus_client::registry::Registry;
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -48,6 +59,10 @@ pub struct Args {
     /// How much history to keep per client and source [default: serve.history, 1 h].
     #[arg(long, value_name = "SECS", value_parser = parse_duration)]
     pub history: Option<Duration>,
+    /// Keep the learned baselines in DIR/baselines.sqlite3, so a restart keeps them
+    /// [default: in memory only].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Everything `serve` needs, validated.
@@ -61,6 +76,10 @@ pub struct Config {
     pub history: Duration,
     /// How often events are pushed to the page (and health re-evaluated).
     pub push_every: Duration,
+    /// Where the learned baselines are kept; `None`: in memory only.
+    pub state_dir: Option<PathBuf>,
+    /// How often learned changes are written to the state database.
+    pub state_every: Duration,
 }
 
 impl Config {
@@ -90,6 +109,11 @@ impl Config {
                 "invalid --history {history:?}: must be at least 1 s"
             )));
         }
+        if let Some(d) = &args.state_dir
+            && d.as_os_str().is_empty()
+        {
+            return Err(UsageError::new("invalid --state-dir: empty path"));
+        }
         Ok(Config {
             broker: common.broker.clone(),
             listen,
@@ -98,6 +122,8 @@ impl Config {
             history,
             pump,
             push_every: Duration::from_secs(1),
+            state_dir: args.state_dir,
+            state_every: Duration::from_secs(30),
         })
     }
 }
@@ -123,7 +149,10 @@ async fn wait_for_exchange(
                 tracing::info!("exchange {exchange} is there: serving its speedos");
                 return Ok(Some(c));
             }
-            Err(AmqpError::NotFound(_) | AmqpError::Connect { .. } | AmqpError::Closed(_)) => {
+            Err(
+                e @ (AmqpError::NotFound(_) | AmqpError::Connect { .. } | AmqpError::Closed(_)),
+            ) => {
+                tracing::debug!("still waiting for {exchange}: {e}");
                 delay = (delay * 2).min(WAIT_MAX);
             }
             Err(e) => return Err(e.into()),
@@ -165,6 +194,7 @@ pub struct Server {
     queue: String,
     board: Arc<Mutex<Board>>,
     registry: Registry,
+    store: Option<state::Store>,
 }
 
 /// The first retry of a connection that found no exchange, doubling up to [`WAIT_MAX`].
@@ -188,6 +218,14 @@ impl Server {
             &exchange,
             "v01.speedo.#",
         );
+        // The state first: a damaged or busy database stops serve before it connects.
+        let (store, learning) = match &cfg.state_dir {
+            Some(dir) => {
+                let (store, learning) = open_state(dir)?;
+                (Some(store), learning)
+            }
+            None => (None, board::Learning::default()),
+        };
         let opts = ConnectOptions {
             name: format!("pumpwatch serve ({})", cfg.view.label()),
             topology,
@@ -204,11 +242,9 @@ impl Server {
             }
             Err(e) => return Err(e.into()),
         };
-        let board = Arc::new(Mutex::new(Board::new(
-            &cfg.pump,
-            cfg.view.clone(),
-            cfg.history,
-        )));
+        let mut b = Board::new(&cfg.pump, cfg.view.clone(), cfg.history);
+        b.learning = learning;
+        let board = Arc::new(Mutex::new(b));
         let mut registry = Registry::with_prefix("pumpwatch");
         registry.register_collector(Box::new(metrics::BoardCollector(board.clone())));
         Ok(Server {
@@ -220,6 +256,7 @@ impl Server {
             queue,
             board,
             registry,
+            store,
         })
     }
 
@@ -254,6 +291,7 @@ impl Server {
             queue,
             board,
             registry,
+            store,
         } = self;
         tracing::info!(
             listen = %listener.local_addr(),
@@ -270,6 +308,15 @@ impl Server {
         });
         let app = routes::router(shared);
         let http = tokio::spawn(listener.serve(app, shutdown.clone(), Duration::from_secs(2)));
+        let persist = store.map(|st| {
+            tokio::spawn(persist(
+                st,
+                board.clone(),
+                cfg.state_every,
+                shutdown.clone(),
+            ))
+        });
+        let mut hup = Hangup::new();
         let client = match client {
             Some(c) => c,
             None => match wait_for_exchange(&cfg.broker, &opts, &exchange, &shutdown).await {
@@ -278,12 +325,24 @@ impl Server {
                 outcome => {
                     shutdown.cancel();
                     let _ = tokio::time::timeout(Duration::from_secs(3), http).await;
+                    if let Some(p) = persist {
+                        let _ = tokio::time::timeout(Duration::from_secs(3), p).await;
+                    }
                     return outcome.map(|_| ());
                 }
             },
         };
         let _ = connected.set(client.clone());
         let mut consumer = client.consume(&queue, 1000).await?;
+        let pairs = (cfg.view == View::Admin).then(|| {
+            let sources = cfg.pump.sources().map(|u| u.name.clone()).collect();
+            tokio::spawn(bind_pairs(
+                client.clone(),
+                queue.clone(),
+                sources,
+                shutdown.clone(),
+            ))
+        });
         let mut sweep = tokio::time::interval(cfg.push_every);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
@@ -293,6 +352,7 @@ impl Server {
                 _ = sweep.tick() => {
                     board.lock().unwrap_or_else(|p| p.into_inner()).sweep(Timestamp::now());
                 }
+                _ = hup.recv() => reload(&cfg, &board),
                 next = consumer.next() => {
                     let d = match next {
                         Some(Ok(d)) => d,
@@ -322,6 +382,9 @@ impl Server {
         };
         shutdown.cancel();
         let _ = consumer.cancel().await;
+        if let Some(p) = pairs {
+            let _ = tokio::time::timeout(Duration::from_secs(1), p).await;
+        }
         let result = match tokio::time::timeout(Duration::from_secs(3), http).await {
             Ok(Ok(())) => result,
             Ok(Err(e)) => result.and(Err(Error::from_join("serve's HTTP server", e))),
@@ -330,7 +393,219 @@ impl Server {
                 result
             }
         };
+        if let Some(p) = persist {
+            match tokio::time::timeout(Duration::from_secs(3), p).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("{}", Error::from_join("serve's state writer", e)),
+                Err(_) => tracing::warn!("the last learned baselines were not written within 3 s"),
+            }
+        }
         let _ = tokio::time::timeout(Duration::from_millis(1500), client.close()).await;
         result
+    }
+}
+
+/// The admin view's pairs: binds the queue to each declared source's `xr_<source>`
+/// (`v01.speedo.client.#`). An exchange `setup` has not declared yet is tried again
+/// (backoff to 30 s) without holding up the rest; once bound, the client remembers the
+/// binding across reconnects.
+async fn bind_pairs(client: Client, queue: String, mut sources: Vec<String>, shutdown: Shutdown) {
+    let mut delay = WAIT_MIN;
+    let mut told = std::collections::HashSet::new();
+    while !sources.is_empty() {
+        let mut left = Vec::new();
+        for s in sources {
+            let exchange = names::source_exchange(&s);
+            let t = Topology {
+                bindings: vec![crate::broker::amqp::BindingDecl::new(
+                    queue.clone(),
+                    exchange.clone(),
+                    "v01.speedo.client.#",
+                )],
+                ..Topology::default()
+            };
+            match client.declare(&t).await {
+                Ok(()) => tracing::debug!("pairs of source {s}: bound to {exchange}"),
+                Err(e) => {
+                    if told.insert(s.clone()) {
+                        tracing::info!(
+                            "pairs of source {s}: cannot bind to {exchange} yet ({}); trying again",
+                            text::escape(&e.to_string())
+                        );
+                    }
+                    left.push(s);
+                }
+            }
+        }
+        sources = left;
+        if sources.is_empty() {
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Opens the state directory and loads what was learned.
+fn open_state(dir: &std::path::Path) -> Result<(state::Store, board::Learning), Error> {
+    let store = state::Store::open_writer(dir).map_err(|e| Error::Failed(e.to_string()))?;
+    let (rows, unreadable) = store.rows(None).map_err(|e| Error::Failed(e.to_string()))?;
+    let mut learning = board::Learning::default();
+    let (mut clients, mut sources) = (Vec::new(), Vec::new());
+    for (owner, row) in rows {
+        match owner {
+            state::Owner::Client => clients.push(row),
+            state::Owner::Source => sources.push(row),
+        }
+    }
+    let n = clients.len() + sources.len();
+    let mut refused = learning.clients.load(clients);
+    refused.extend(learning.sources.load(sources));
+    if unreadable + refused.len() > 0 {
+        tracing::warn!(
+            "state {}: {} stored slots not loaded (first: {})",
+            store.file(),
+            unreadable + refused.len(),
+            refused
+                .first()
+                .map_or("unreadable values".to_owned(), |e| text::escape(
+                    &e.to_string()
+                )
+                .into_owned())
+        );
+    }
+    tracing::info!(
+        "state {}: {} learned slots of {} clients and {} sources loaded",
+        store.file(),
+        n - refused.len(),
+        learning.clients.len(),
+        learning.sources.len()
+    );
+    Ok((store, learning))
+}
+
+/// Writes what was learned every `every`, and once more at the stop. A failed write is
+/// logged and its rows kept for the next try (the latest value of each slot).
+async fn persist(
+    store: state::Store,
+    board: Arc<Mutex<Board>>,
+    every: Duration,
+    shutdown: Shutdown,
+) {
+    type Key = (state::Owner, String, u8);
+    let mut store = Some(store);
+    let mut pending: HashMap<Key, crate::core::baseline::Row> = HashMap::new();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        let last = tokio::select! {
+            _ = shutdown.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        {
+            let mut b = board.lock().unwrap_or_else(|p| p.into_inner());
+            for (owner, rows) in [
+                (state::Owner::Client, b.learning.clients.drain_changed()),
+                (state::Owner::Source, b.learning.sources.drain_changed()),
+            ] {
+                for r in rows {
+                    pending.insert((owner, r.name.clone(), r.hour_of_week), r);
+                }
+            }
+        }
+        let Some(mut st) = store.take() else { return };
+        let rows: Vec<(state::Owner, crate::core::baseline::Row)> =
+            pending.iter().map(|(k, r)| (k.0, r.clone())).collect();
+        let done = tokio::task::spawn_blocking(move || {
+            let r = st.write(&rows);
+            (st, r)
+        })
+        .await;
+        let (st, result) = match done {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!("{}", Error::from_join("serve's state writer", e));
+                return;
+            }
+        };
+        store = Some(st);
+        match result {
+            Ok(forget) => {
+                pending.clear();
+                if !forget.is_empty() {
+                    let mut b = board.lock().unwrap_or_else(|p| p.into_inner());
+                    for (owner, name) in forget {
+                        let learned = match owner {
+                            state::Owner::Client => &mut b.learning.clients,
+                            state::Owner::Source => &mut b.learning.sources,
+                        };
+                        if learned.forget(&name) {
+                            tracing::info!(
+                                "baseline of {} {} reset",
+                                owner.as_str(),
+                                text::escape(&name)
+                            );
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("learned baselines not written (tried again later): {e}"),
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+/// Reads the configuration file again (SIGHUP) and applies its thresholds; a file that
+/// does not parse keeps the old ones.
+fn reload(cfg: &Config, board: &Mutex<Board>) {
+    let Some(path) = cfg.pump.path.as_deref() else {
+        tracing::warn!("SIGHUP: serve runs on built-in defaults, there is no file to read again");
+        return;
+    };
+    match PumpConfig::from_file(path) {
+        Ok(new) => {
+            board
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_thresholds(board::ThresholdSet::from_config(&new));
+            tracing::info!("SIGHUP: thresholds read again from {}", path.display());
+        }
+        Err(e) => tracing::warn!("SIGHUP: kept the old thresholds: {e}"),
+    }
+}
+
+/// SIGHUP, as a stream of wake-ups; never fires where there is none (or it cannot be
+/// installed).
+struct Hangup {
+    #[cfg(unix)]
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangup {
+    fn new() -> Hangup {
+        #[cfg(unix)]
+        {
+            let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .map_err(|e| tracing::warn!("SIGHUP will not reload the thresholds: {e}"))
+                .ok();
+            Hangup { signal }
+        }
+        #[cfg(not(unix))]
+        Hangup {}
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(s) = &mut self.signal {
+            s.recv().await;
+            return;
+        }
+        std::future::pending::<()>().await
     }
 }

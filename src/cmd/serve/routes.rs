@@ -1,9 +1,14 @@
 //! The routes of `serve`: the embedded page and its assets, the API and the event
-//! stream (the listener, `/healthz` and `/metrics` are the shared [`crate::http`]). Handlers only read the board (a short lock each); nothing here blocks on the
-//! broker, so `/metrics` and `/healthz` keep answering while it is away.
+//! stream (the listener, `/healthz` and `/metrics` are the shared [`crate::http`]).
+//! Handlers only read the board (a short lock each); nothing here blocks on the broker,
+//! so `/metrics` and `/healthz` keep answering while it is away.
+//!
+//! `/api/status`, `/api/events` and `/api/check` take `?client=NAME` or `?source=NAME`
+//! to narrow what they report to one client (with its pairs) or one source (with its
+//! pairs): a [`Scope`], which is also where a per-account filter plugs in.
 
 use super::Shared;
-use super::board::Kind;
+use super::board::{Kind, Scope};
 use axum::Router;
 use axum::extract::{RawQuery, State};
 use axum::http::{StatusCode, header};
@@ -29,6 +34,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/status", get(status))
         .route("/api/history", get(history))
         .route("/api/events", get(events))
+        .route("/api/check", get(check))
         .route("/metrics", crate::http::metrics(shared.registry.clone()))
         .route(
             "/healthz",
@@ -72,13 +78,65 @@ async fn asset(axum::extract::Path(name): axum::extract::Path<String>) -> Respon
         .into_response()
 }
 
-async fn status(State(s): State<Arc<Shared>>) -> Response {
+/// `?client=NAME` or `?source=NAME` (not both); none is everything.
+pub(crate) fn scope_of(query: Option<&str>) -> Result<Scope, BadScope> {
+    let mut scope = Scope::All;
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        let next = match &*k {
+            "client" => Scope::Client(v.into_owned()),
+            "source" => Scope::Source(v.into_owned()),
+            _ => continue,
+        };
+        if scope != Scope::All || next_is_empty(&next) {
+            return Err(BadScope);
+        }
+        scope = next;
+    }
+    Ok(scope)
+}
+
+/// A query that names more than one client or source, or an empty one.
+pub(crate) struct BadScope;
+
+impl IntoResponse for BadScope {
+    fn into_response(self) -> Response {
+        (
+            StatusCode::BAD_REQUEST,
+            "give one non-empty client=NAME or source=NAME\n",
+        )
+            .into_response()
+    }
+}
+
+fn next_is_empty(s: &Scope) -> bool {
+    matches!(s, Scope::Client(n) | Scope::Source(n) if n.is_empty() || n.len() > 255)
+}
+
+async fn status(State(s): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
+    let scope = match scope_of(q.as_deref()) {
+        Ok(scope) => scope,
+        Err(r) => return r.into_response(),
+    };
     let status = s
         .board
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .status(Timestamp::now());
+        .status(&scope, Timestamp::now());
     Json(status).into_response()
+}
+
+/// `/api/check`: everything `pumpwatch check` prints, in one small answer.
+async fn check(State(s): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
+    let scope = match scope_of(q.as_deref()) {
+        Ok(scope) => scope,
+        Err(r) => return r.into_response(),
+    };
+    let answer = s
+        .board
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .check(&scope, Timestamp::now());
+    Json(answer).into_response()
 }
 
 /// `/api/history?kind=client&name=a&name=b`: chart data of the named entities.
@@ -95,7 +153,7 @@ async fn history(State(s): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Respons
     let Some(kind) = kind else {
         return (
             StatusCode::BAD_REQUEST,
-            "kind must be client, source or total\n",
+            "kind must be client, source, pair or total\n",
         )
             .into_response();
     };
@@ -115,18 +173,22 @@ async fn history(State(s): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Respons
 /// when serve stops.
 async fn events(
     State(s): State<Arc<Shared>>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    RawQuery(q): RawQuery,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, BadScope> {
     struct St {
         shared: Arc<Shared>,
         since: u64,
         tick: tokio::time::Interval,
+        scope: Scope,
     }
+    let scope = scope_of(q.as_deref())?;
     let mut tick = tokio::time::interval(s.push_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let st = St {
         shared: s,
         since: 0,
         tick,
+        scope,
     };
     let stream = futures_util::stream::unfold(st, |mut st| async move {
         loop {
@@ -139,7 +201,7 @@ async fn events(
                 if st.since != 0 && b.version() <= st.since {
                     None
                 } else {
-                    Some(b.delta(st.since, Timestamp::now()))
+                    Some(b.delta(st.since, &st.scope, Timestamp::now()))
                 }
             };
             if let Some(d) = delta {
@@ -150,5 +212,5 @@ async fn events(
             }
         }
     });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

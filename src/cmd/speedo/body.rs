@@ -10,6 +10,7 @@
 //! ```
 
 use crate::core::emit::Outgoing;
+use crate::core::lag::LagHeaders;
 use crate::core::report::Incoming;
 use crate::core::stamp::Stamp;
 use crate::core::topic::{MAX_SHORT, decode_word, encode_word, truncate_utf8, truncated};
@@ -166,12 +167,14 @@ fn rate(n: u64, secs: f64) -> f64 {
 }
 
 /// A speedo message as `serve` sees it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Decoded {
     pub subject: Subject,
     /// The `source` header of a client speedo: whose products it counts (on `xr_<s>`).
     pub scope: Option<String>,
     pub reading: Reading,
+    /// The `lag_*` headers, each only when believable (`core::lag::LagHeaders`).
+    pub lag: LagHeaders,
 }
 
 /// The speedo message for `subject`, counting `scope`'s products only when given.
@@ -227,6 +230,7 @@ pub fn decode(msg: &Incoming<'_>) -> Result<Decoded, SpeedoError> {
         subject,
         scope,
         reading: Reading::parse(text)?,
+        lag: LagHeaders::read(msg.headers),
     })
 }
 

@@ -14,6 +14,7 @@
 use super::body::{Reading, Subject};
 use crate::config::Config;
 use crate::core::CodeClass;
+use crate::core::lag::{Lag, LagMeter, LagReject, LagSummary};
 use crate::core::stamp::Stamp;
 use crate::core::topic::{MAX_SHORT, truncated};
 use jiff::{SignedDuration, Timestamp};
@@ -67,13 +68,16 @@ impl Settings {
 }
 
 /// One report, reduced to what a speedo counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sample<'a> {
     pub client: &'a str,
     pub source: &'a str,
     pub code: u16,
     /// The product's (or part's) size; 0 when the report does not say.
     pub bytes: u64,
+    /// The delivery lag (`core::lag`), or why there is none; `None`: not measured.
+    /// Counted for good deliveries only.
+    pub lag: Option<Result<Lag, LagReject>>,
 }
 
 /// The four cumulative counts of a speedo.
@@ -100,6 +104,8 @@ pub struct Speedo {
     pub target: Target,
     pub subject: Subject,
     pub reading: Reading,
+    /// The interval's delivery lags (`lag_*` headers); `None` when none was counted.
+    pub lag: Option<LagSummary>,
 }
 
 impl Speedo {
@@ -109,7 +115,11 @@ impl Speedo {
             Target::Report => None,
             Target::Source(s) => Some(s.as_str()),
         };
-        super::body::encode(&self.subject, scope, &self.reading)
+        let mut out = super::body::encode(&self.subject, scope, &self.reading);
+        if let Some(l) = &self.lag {
+            l.set_headers(&mut out.headers);
+        }
+        out
     }
 }
 
@@ -132,6 +142,7 @@ struct Meter {
     /// The last tick at which it had counted something in the interval.
     last_active: Timestamp,
     schedule: u16,
+    lag: LagMeter,
 }
 
 impl Meter {
@@ -143,12 +154,16 @@ impl Meter {
             active: false,
             last_active: now,
             schedule,
+            lag: LagMeter::default(),
         }
     }
 
     #[inline]
-    fn add(&mut self, good: bool, bytes: u64) {
+    fn add(&mut self, good: bool, bytes: u64, lag: Option<Lag>) {
         let t = &mut self.total;
+        if let Some(l) = lag {
+            self.lag.add(l);
+        }
         if good {
             t.good += 1;
             t.good_bytes = t.good_bytes.saturating_add(bytes);
@@ -161,8 +176,13 @@ impl Meter {
         self.active = true;
     }
 
-    /// Ends the interval: the reading, and whether the meter is still alive.
-    fn close(&mut self, end: Timestamp, interval_s: f64, expire: Duration) -> Option<Reading> {
+    /// Ends the interval: the reading and its lags; `None` once the meter expired.
+    fn close(
+        &mut self,
+        end: Timestamp,
+        interval_s: f64,
+        expire: Duration,
+    ) -> Option<(Reading, Option<LagSummary>)> {
         if self.active {
             self.last_active = end;
         } else if end.duration_since(self.last_active)
@@ -183,7 +203,7 @@ impl Meter {
         self.interval_files = 0;
         self.interval_bytes = 0;
         self.active = false;
-        Some(r)
+        Some((r, self.lag.take()))
     }
 }
 
@@ -198,16 +218,16 @@ struct SourceMeters {
 
 impl SourceMeters {
     #[inline]
-    fn add(&mut self, s: &Sample<'_>, good: bool, now: Timestamp) {
-        self.meter.add(good, s.bytes);
+    fn add(&mut self, s: &Sample<'_>, good: bool, lag: Option<Lag>, now: Timestamp) {
+        self.meter.add(good, s.bytes, lag);
         if !self.view {
             return;
         }
         match self.clients.get_mut(s.client) {
-            Some(m) => m.add(good, s.bytes),
+            Some(m) => m.add(good, s.bytes, lag),
             None => {
                 let mut m = Meter::new(self.meter.schedule, now);
-                m.add(good, s.bytes);
+                m.add(good, s.bytes, lag);
                 self.clients.insert(s.client.into(), m);
             }
         }
@@ -227,6 +247,8 @@ pub struct Speedometers {
     all: Meter,
     /// The latest `now` seen, for meters made between ticks.
     clock: Timestamp,
+    /// Good deliveries whose lag was not counted, by reason (indexed as `LagReject::ALL`).
+    lag_rejected: [u64; 5],
 }
 
 fn add(t: Timestamp, d: Duration) -> Timestamp {
@@ -281,6 +303,7 @@ impl Speedometers {
             all: Meter::new(0, now),
             clock: now,
             settings,
+            lag_rejected: [0; 5],
         }
     }
 
@@ -316,24 +339,35 @@ impl Speedometers {
             source: truncated(s.source, MAX_SHORT),
             ..*s
         };
-        self.all.add(good, s.bytes);
+        // Delivery lag is about deliveries: a failure has none.
+        let lag = match s.lag {
+            Some(Ok(l)) if good => Some(l),
+            Some(Err(why)) if good => {
+                if let Some(i) = LagReject::ALL.iter().position(|r| *r == why) {
+                    self.lag_rejected[i] = self.lag_rejected[i].saturating_add(1);
+                }
+                None
+            }
+            _ => None,
+        };
+        self.all.add(good, s.bytes, lag);
         match self.clients.get_mut(s.client) {
-            Some(m) => m.add(good, s.bytes),
+            Some(m) => m.add(good, s.bytes, lag),
             None => {
                 let mut m = Meter::new(self.schedule_for(s.client), self.clock);
-                m.add(good, s.bytes);
+                m.add(good, s.bytes, lag);
                 self.clients.insert(s.client.into(), m);
             }
         }
         match self.sources.get_mut(s.source) {
-            Some(src) => src.add(s, good, self.clock),
+            Some(src) => src.add(s, good, lag, self.clock),
             None => {
                 let mut src = SourceMeters {
                     meter: Meter::new(self.schedule_for(s.source), self.clock),
                     view: s.source != UNKNOWN && self.settings.views.contains(s.source),
                     clients: Map::default(),
                 };
-                src.add(s, good, self.clock);
+                src.add(s, good, lag, self.clock);
                 self.sources.insert(s.source.into(), src);
             }
         }
@@ -365,13 +399,14 @@ impl Speedometers {
         let expire = self.settings.expire;
         let mut out = Vec::new();
         if let Some(secs) = self.all_schedule.due(now, force)
-            && let Some(r) = self.all.close(now, secs, Duration::MAX)
+            && let Some((r, lag)) = self.all.close(now, secs, Duration::MAX)
         {
             for subject in [Subject::AllClients, Subject::AllSources] {
                 out.push(Speedo {
                     target: Target::Report,
                     subject,
                     reading: r,
+                    lag,
                 });
             }
         }
@@ -388,11 +423,12 @@ impl Speedometers {
                 return true;
             };
             match m.close(now, secs, expire) {
-                Some(r) => {
+                Some((r, lag)) => {
                     out.push(Speedo {
                         target: Target::Report,
                         subject: Subject::Client(name.to_string()),
                         reading: r,
+                        lag,
                     });
                     true
                 }
@@ -403,13 +439,14 @@ impl Speedometers {
             let Some(secs) = due[usize::from(src.meter.schedule)] else {
                 return true;
             };
-            let Some(r) = src.meter.close(now, secs, expire) else {
+            let Some((r, lag)) = src.meter.close(now, secs, expire) else {
                 return false;
             };
             out.push(Speedo {
                 target: Target::Report,
                 subject: Subject::Source(name.to_string()),
                 reading: r,
+                lag,
             });
             if !src.view {
                 return true;
@@ -420,15 +457,17 @@ impl Speedometers {
                     target: target.clone(),
                     subject,
                     reading: r,
+                    lag,
                 });
             }
             src.clients
                 .retain(|client, m| match m.close(now, secs, expire) {
-                    Some(r) => {
+                    Some((r, lag)) => {
                         out.push(Speedo {
                             target: target.clone(),
                             subject: Subject::Client(client.to_string()),
                             reading: r,
+                            lag,
                         });
                         true
                     }
@@ -456,6 +495,12 @@ impl Speedometers {
     /// The pump's cumulative counts.
     pub fn all_counts(&self) -> Counts {
         self.all.total
+    }
+
+    /// Good deliveries whose lag was not counted (no or absurd `pubTime`), by reason,
+    /// since this `Speedometers` was made.
+    pub fn lag_rejected(&self) -> impl Iterator<Item = (LagReject, u64)> + '_ {
+        LagReject::ALL.into_iter().zip(self.lag_rejected)
     }
 }
 
@@ -487,6 +532,7 @@ mod tests {
             source,
             code,
             bytes,
+            lag: None,
         })
     }
 
@@ -712,6 +758,72 @@ mod tests {
         // A clock that goes back is treated as no time passing.
         let out = m.tick(t(100.0));
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn lags_per_meter_for_good_deliveries_only() {
+        use crate::core::lag::{H_LAG_COUNT, H_LAG_P95, LagRules};
+        let rules = LagRules::DEFAULT;
+        let mut m = Speedometers::new(settings(), t(0.0));
+        let mut lagged = |client: &str, source: &str, code: u16, lag: Result<f64, LagReject>| {
+            m.record(&Sample {
+                client,
+                source,
+                code,
+                bytes: 1,
+                lag: Some(lag.and_then(|x| rules.accept(x))),
+            })
+        };
+        for i in 0..100 {
+            lagged("cfs", "radar", 201, Ok(f64::from(i)));
+        }
+        lagged("edu", "radar", 201, Ok(600.0));
+        lagged("edu", "radar", 499, Ok(9000.0));
+        lagged("edu", "radar", 201, Err(LagReject::NoPubTime));
+        lagged("edu", "radar", 201, Ok(-3600.0));
+        let out = m.tick(t(60.0));
+        let lag_of = |target: &Target, subject: &Subject| {
+            out.iter()
+                .find(|s| &s.target == target && &s.subject == subject)
+                .and_then(|s| s.lag)
+        };
+        let cfs = lag_of(&Target::Report, &client("cfs")).unwrap();
+        assert_eq!((cfs.count, cfs.max), (100, 99.0));
+        assert!((cfs.p95 - 94.0).abs() <= 1.0, "{cfs:?}");
+        let edu = lag_of(&Target::Report, &client("edu")).unwrap();
+        assert_eq!(
+            (edu.count, edu.max),
+            (1, 600.0),
+            "failures and refusals not counted"
+        );
+        assert_eq!(
+            lag_of(&Target::Report, &source("radar")).unwrap().count,
+            101
+        );
+        assert_eq!(lag_of(&xr("radar"), &client("edu")), Some(edu));
+        let rejected: Vec<(LagReject, u64)> = m.lag_rejected().filter(|r| r.1 > 0).collect();
+        assert_eq!(
+            rejected,
+            [(LagReject::NoPubTime, 1), (LagReject::Future, 1)]
+        );
+        let o = out
+            .iter()
+            .find(|s| s.subject == client("cfs"))
+            .unwrap()
+            .outgoing();
+        assert!(o.headers.get_str(H_LAG_P95).is_some());
+        assert_eq!(
+            o.headers.get(H_LAG_COUNT).and_then(|v| v.as_i64()),
+            Some(100)
+        );
+        // The next interval, nothing lagged: no lag headers.
+        rec(&mut m, "cfs", "radar", 201, 1);
+        let out = m.tick(t(120.0));
+        assert!(out.iter().all(|s| s.lag.is_none()));
+        assert!(
+            out.iter()
+                .all(|s| s.outgoing().headers.get(H_LAG_P95).is_none())
+        );
     }
 
     #[test]

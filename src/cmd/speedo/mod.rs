@@ -30,6 +30,7 @@ use crate::broker::url::BrokerUrl;
 use crate::config::{Config as PumpConfig, Role};
 use crate::core::attribution::Attributor;
 use crate::core::emit::Outgoing;
+use crate::core::lag::LagRules;
 use crate::core::report::{self, Message, Report};
 use crate::core::text;
 use crate::shutdown::Shutdown;
@@ -137,6 +138,8 @@ pub struct Summary {
     /// Speedo messages sent again alone after their first confirm failed (the publish
     /// channel closed under them); counted again in `published`, `unheard` or `failed`.
     pub resent: u64,
+    /// Good deliveries whose lag was not counted (no `pubTime`, or an absurd one).
+    pub lag_ignored: u64,
 }
 
 impl fmt::Display for Summary {
@@ -144,7 +147,7 @@ impl fmt::Display for Summary {
         write!(
             f,
             "recorded {}, not counted {}, announcements {}, speedo/watchdog {}, malformed {}; \
-             speedos published {}, unheard {}, failed {} (resent {})",
+             speedos published {}, unheard {}, failed {} (resent {}); lag ignored {}",
             self.recorded,
             self.not_counted,
             self.announcements,
@@ -153,21 +156,36 @@ impl fmt::Display for Summary {
             self.published,
             self.unheard,
             self.failed,
-            self.resent
+            self.resent,
+            self.lag_ignored
         )
     }
 }
 
 /// Counts `r` under its client and source as the pump's [`Attributor`] tells them
 /// ([`UNKNOWN`] when it cannot); false when the report counts in nothing (102 started).
-fn record(meters: &mut Speedometers, who: &Attributor, r: &Report, user_id: Option<&str>) -> bool {
+///
+/// Its delivery lag is `timeCompleted − pubTime`, or, for reports that carry no
+/// completion time (v01, v02), `seen_at − pubTime` with `seen_at` the time speedo takes
+/// the report: route stamps no time of its own, and forwards within milliseconds, so this
+/// is "the time route saw it" unless speedo's queue has a backlog (which then shows as
+/// lag: the reports did reach the monitoring late).
+fn record(
+    meters: &mut Speedometers,
+    who: &Attributor,
+    r: &Report,
+    user_id: Option<&str>,
+    seen_at: Timestamp,
+) -> bool {
     let client = who.client(r, user_id);
     let source = who.source(r);
+    let rules = LagRules::DEFAULT;
     meters.record(&Sample {
         client: client.as_deref().unwrap_or(UNKNOWN),
         source: source.as_deref().unwrap_or(UNKNOWN),
         code: r.code,
         bytes: r.size_bytes.unwrap_or(0),
+        lag: Some(rules.lag_of(r, seen_at).and_then(|x| rules.accept(x))),
     })
 }
 
@@ -459,7 +477,7 @@ pub async fn run_counting(cfg: Config, shutdown: Shutdown) -> Result<Summary, Er
                 let inc = delivery.incoming();
                 match report::parse_limited(&inc, cfg.pump.route.max_body) {
                     Ok(Message::Report(r)) => {
-                        if record(&mut meters, &attributor, &r, inc.user_id) {
+                        if record(&mut meters, &attributor, &r, inc.user_id, clock.now()) {
                             summary.recorded += 1;
                         } else {
                             summary.not_counted += 1;
@@ -483,6 +501,10 @@ pub async fn run_counting(cfg: Config, shutdown: Shutdown) -> Result<Summary, Er
         }
     };
     let _ = consumer.cancel().await;
+    summary.lag_ignored = meters.lag_rejected().map(|(_, n)| n).sum();
+    for (why, n) in meters.lag_rejected().filter(|(_, n)| *n > 0) {
+        tracing::info!("lag of {n} deliveries not counted: {why}");
+    }
     let deadline = Instant::now() + cfg.drain;
     if client.is_connected() {
         let last = meters.flush(clock.now());
