@@ -197,6 +197,22 @@ struct RawArchive {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawWatchdog {
+    node_timeout: Option<RawDuration>,
+    stuck_after: Option<RawDuration>,
+    repost: Option<bool>,
+    repost_exchange: Option<String>,
+    max_inflight: Option<usize>,
+    max_bytes: Option<usize>,
+    reorder_window: Option<RawDuration>,
+    forget_after: Option<RawDuration>,
+    max_nodes: Option<usize>,
+    listen: Option<String>,
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawConfig {
     cluster: Option<String>,
     broker: Option<String>,
@@ -216,6 +232,7 @@ struct RawConfig {
     #[serde(default)]
     serve: RawServe,
     archive: Option<RawArchive>,
+    watchdog: Option<RawWatchdog>,
 }
 
 /// One declared account.
@@ -295,6 +312,28 @@ pub struct ArchiveSettings {
     pub filter: crate::core::filter::Filter,
 }
 
+/// `[watchdog]` (SPEC §7): the core's rules plus what the daemon does on a failure.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchdogSettings {
+    /// node_timeout, stuck_after, max_inflight, max_bytes, reorder_window, forget_after,
+    /// max_nodes.
+    pub rules: crate::core::watchdog::Settings,
+    /// Re-announce a failed node's products on `repost_exchange`.
+    pub repost: bool,
+    /// Default: the public exchange (`xpublic`).
+    pub repost_exchange: String,
+    /// Where the daemon serves `/api/inflight` (its `--listen` default).
+    pub listen: String,
+    /// Its `--state-dir` default (none: the flag is required).
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Where `watchdog` listens and `inflight` asks when neither is told.
+pub const DEFAULT_WATCHDOG_LISTEN: &str = "127.0.0.1:8090";
+
+/// Most open transfers the watchdog core can hold (its slot index is 24 bits).
+pub const MAX_WATCHDOG_INFLIGHT: usize = 16_777_214;
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -315,6 +354,8 @@ pub struct Config {
     pub speedo: SpeedoSettings,
     pub serve: ServeSettings,
     pub archive: Option<ArchiveSettings>,
+    /// `Some` when the file has a `[watchdog]` table (then `setup` declares its queue).
+    pub watchdog: Option<WatchdogSettings>,
 }
 
 impl Default for Config {
@@ -494,6 +535,15 @@ impl Config {
             Some(a) => Some(archive_from(a, &bad)?),
             None => None,
         };
+        let exchanges = Exchanges {
+            report: raw.exchanges.report.unwrap_or_else(|| "xreport".into()),
+            rejected: raw.exchanges.rejected.unwrap_or_else(|| "xrejected".into()),
+            public: raw.exchanges.public.unwrap_or_else(|| "xpublic".into()),
+        };
+        let watchdog = match raw.watchdog {
+            Some(w) => Some(watchdog_from(w, &exchanges, &bad)?),
+            None => None,
+        };
         Ok(Config {
             origin: file.to_owned(),
             path: None,
@@ -504,11 +554,7 @@ impl Config {
             default_thresholds,
             thresholds,
             neighbours,
-            exchanges: Exchanges {
-                report: raw.exchanges.report.unwrap_or_else(|| "xreport".into()),
-                rejected: raw.exchanges.rejected.unwrap_or_else(|| "xrejected".into()),
-                public: raw.exchanges.public.unwrap_or_else(|| "xpublic".into()),
-            },
+            exchanges,
             route: RouteSettings {
                 relpath_pattern,
                 index_size: raw.route.index_size.unwrap_or(100_000),
@@ -525,6 +571,18 @@ impl Config {
                 history: dur("serve.history", raw.serve.history, 3600)?,
             },
             archive,
+            watchdog,
+        })
+    }
+
+    /// The `[watchdog]` table, or its defaults when the file has none.
+    pub fn watchdog_settings(&self) -> WatchdogSettings {
+        self.watchdog.clone().unwrap_or_else(|| WatchdogSettings {
+            rules: crate::core::watchdog::Settings::default(),
+            repost: false,
+            repost_exchange: self.exchanges.public.clone(),
+            listen: DEFAULT_WATCHDOG_LISTEN.into(),
+            state_dir: None,
         })
     }
 
@@ -726,6 +784,98 @@ fn archive_from(
     })
 }
 
+fn watchdog_from(
+    w: RawWatchdog,
+    exchanges: &Exchanges,
+    bad: &dyn Fn(String, String) -> ConfigError,
+) -> Result<WatchdogSettings, ConfigError> {
+    let base = crate::core::watchdog::Settings::default();
+    let d = |name: &str, v: Option<RawDuration>, dflt: Duration| -> Result<Duration, ConfigError> {
+        let v = match v {
+            Some(v) => v.get().map_err(|r| bad(format!("watchdog.{name}"), r))?,
+            None => dflt,
+        };
+        if v < Duration::from_millis(100) {
+            return Err(bad(
+                format!("watchdog.{name}"),
+                "must be at least 0.1 s".into(),
+            ));
+        }
+        Ok(v)
+    };
+    let count = |name: &str, v: Option<usize>, dflt: usize, max: usize| {
+        let v = v.unwrap_or(dflt);
+        if (1..=max).contains(&v) {
+            Ok(v)
+        } else {
+            Err(bad(
+                format!("watchdog.{name}"),
+                format!("must be 1 to {max}"),
+            ))
+        }
+    };
+    let rules = crate::core::watchdog::Settings {
+        node_timeout: d("node_timeout", w.node_timeout, base.node_timeout)?,
+        stuck_after: d("stuck_after", w.stuck_after, base.stuck_after)?,
+        max_inflight: count(
+            "max_inflight",
+            w.max_inflight,
+            base.max_inflight,
+            MAX_WATCHDOG_INFLIGHT,
+        )?,
+        max_bytes: count("max_bytes", w.max_bytes, base.max_bytes, usize::MAX)?,
+        reorder_window: d("reorder_window", w.reorder_window, base.reorder_window)?,
+        forget_after: d("forget_after", w.forget_after, base.forget_after)?,
+        max_nodes: count("max_nodes", w.max_nodes, base.max_nodes, 1_000_000)?,
+    };
+    if rules.max_bytes < 1 << 20 {
+        return Err(bad(
+            "watchdog.max_bytes".into(),
+            "must be at least 1048576 (1 MiB)".into(),
+        ));
+    }
+    if rules.forget_after <= rules.node_timeout {
+        return Err(bad(
+            "watchdog.forget_after".into(),
+            "must be longer than watchdog.node_timeout (a failure must be seen before its \
+             transfers are forgotten)"
+                .into(),
+        ));
+    }
+    let repost_exchange = w
+        .repost_exchange
+        .unwrap_or_else(|| exchanges.public.clone());
+    if repost_exchange.is_empty() || repost_exchange.len() > 255 {
+        return Err(bad(
+            "watchdog.repost_exchange".into(),
+            "an exchange name is 1 to 255 bytes".into(),
+        ));
+    }
+    if repost_exchange == exchanges.report {
+        return Err(bad(
+            "watchdog.repost_exchange".into(),
+            format!(
+                "{repost_exchange:?} is the report exchange; reposts are announcements \
+                 (e.g. {:?})",
+                exchanges.public
+            ),
+        ));
+    }
+    if w.state_dir
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().is_empty())
+    {
+        return Err(bad("watchdog.state_dir".into(), "is empty".into()));
+    }
+    Ok(WatchdogSettings {
+        rules,
+        repost: w.repost.unwrap_or(false),
+        repost_exchange,
+        listen: w.listen.unwrap_or_else(|| DEFAULT_WATCHDOG_LISTEN.into()),
+        state_dir: w.state_dir,
+    })
+}
+
 fn thresholds_from(
     t: RawThresholds,
     base: Thresholds,
@@ -914,6 +1064,38 @@ interval = "1m"
                 "t.toml:2",
                 "min_samples",
             ),
+            ("[watchdog]\nnode_timout = 5", "t.toml:2", "node_timout"),
+            (
+                "[watchdog]\nnode_timeout = 0",
+                "watchdog.node_timeout",
+                "at least 0.1 s",
+            ),
+            (
+                "[watchdog]\nmax_inflight = 0",
+                "watchdog.max_inflight",
+                "must be 1 to",
+            ),
+            (
+                "[watchdog]\nmax_inflight = 20000000",
+                "watchdog.max_inflight",
+                "16777214",
+            ),
+            (
+                "[watchdog]\nrepost_exchange = \"xreport\"",
+                "watchdog.repost_exchange",
+                "report exchange",
+            ),
+            (
+                "[watchdog]\nnode_timeout = \"2h\"\nforget_after = \"1h\"",
+                "watchdog.forget_after",
+                "longer than",
+            ),
+            (
+                "[watchdog]\nmax_bytes = 1000",
+                "watchdog.max_bytes",
+                "1 MiB",
+            ),
+            ("[watchdog]\nrepost = \"yes\"", "t.toml:2", "repost"),
         ];
         for (text, want_where, want_what) in table {
             let e = Config::parse(text, "t.toml").unwrap_err().to_string();
@@ -962,6 +1144,30 @@ interval = "1m"
             (d.k, d.min_samples, d.min_transfers, d.max_lag),
             (3.0, 3, 10, None)
         );
+    }
+
+    #[test]
+    fn watchdog_table() {
+        let c = Config::parse(
+            "[exchanges]\npublic = \"xpub\"\n[watchdog]\nnode_timeout = \"2m\"\nrepost = true\n\
+             max_inflight = 5000\nstate_dir = \"/var/lib/pw\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        let w = c.watchdog.clone().unwrap();
+        assert_eq!(w.rules.node_timeout, Duration::from_secs(120));
+        assert_eq!(w.rules.max_inflight, 5000);
+        assert_eq!(w.rules.stuck_after, Duration::from_secs(3600));
+        assert!(w.repost);
+        assert_eq!(w.repost_exchange, "xpub");
+        assert_eq!(w.state_dir.as_deref(), Some(Path::new("/var/lib/pw")));
+        assert_eq!(c.watchdog_settings(), w);
+        let none = Config::default();
+        assert!(none.watchdog.is_none());
+        let d = none.watchdog_settings();
+        assert!(!d.repost);
+        assert_eq!(d.repost_exchange, "xpublic");
+        assert_eq!(d.listen, DEFAULT_WATCHDOG_LISTEN);
     }
 
     #[test]

@@ -166,6 +166,17 @@ pub fn archive_queue(config: &Config, feeder: &str) -> QueueShape {
     }
 }
 
+/// `watchdog`'s queue: everything in `xreport`, durable, so the reports that arrive while
+/// it restarts are read when it is back (its own notices are recognised and skipped).
+/// `setup` declares it when the configuration has a `[watchdog]` table.
+pub fn watchdog_queue(config: &Config, feeder: &str) -> QueueShape {
+    QueueShape {
+        name: format!("q_{feeder}.watchdog"),
+        arguments: base_args(config.route.queue_type),
+        bindings: vec![(config.exchanges.report.clone(), "#".into())],
+    }
+}
+
 /// Reports waiting to go to neighbour `cluster`: bound to `xforward_<cluster>`; the dynamic
 /// shovel of SPEC §4.8 drains it to the neighbour's `xreport`, so a neighbour that is down
 /// gets its reports when it comes back.

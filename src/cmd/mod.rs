@@ -13,6 +13,7 @@
 pub mod archive;
 pub mod baseline;
 pub mod check;
+pub mod inflight;
 pub mod log;
 pub mod report;
 pub mod route;
@@ -21,6 +22,7 @@ pub mod setup;
 pub mod simulate;
 pub mod speedo;
 pub mod trace;
+pub mod watchdog;
 
 use crate::broker::amqp::AmqpError;
 use crate::broker::mgmt::MgmtError;
@@ -85,6 +87,10 @@ pub enum Command {
     Check(check::Args),
     /// Show or reset the expected rates serve learned (--state-dir).
     Baseline(baseline::Args),
+    /// What every node has in flight; announce and repost what a failed node held (daemon).
+    Watchdog(watchdog::Args),
+    /// Ask the watchdog what is in flight, per node.
+    Inflight(inflight::Args),
 }
 
 impl Command {
@@ -92,7 +98,11 @@ impl Command {
     pub fn is_daemon(&self) -> bool {
         matches!(
             self,
-            Command::Route(_) | Command::Speedo(_) | Command::Serve(_) | Command::Archive(_)
+            Command::Route(_)
+                | Command::Speedo(_)
+                | Command::Serve(_)
+                | Command::Archive(_)
+                | Command::Watchdog(_)
         )
     }
 
@@ -124,6 +134,12 @@ impl Command {
             },
             Command::Baseline(a) => {
                 baseline::run(baseline::Config::from_args(a, common)?, shutdown).await
+            }
+            Command::Watchdog(a) => {
+                watchdog::run(watchdog::Config::from_args(a, common)?, shutdown).await
+            }
+            Command::Inflight(a) => {
+                inflight::run(inflight::Config::from_args(a, common)?, shutdown).await
             }
         }
     }

@@ -232,6 +232,9 @@ impl Desired {
                 .filter(|u| u.retain > 0)
                 .map(|u| names::retained_queue(&config, &u.name, u.retain)),
         );
+        if config.watchdog.is_some() {
+            shapes.push(names::watchdog_queue(&config, &feeder));
+        }
         let mut queues = BTreeMap::new();
         let mut bindings = BTreeSet::new();
         for QueueShape {
@@ -508,6 +511,25 @@ mod tests {
         assert!(d.bindings.contains(&Binding {
             exchange: "xreport".into(),
             queue: "q_feed.archive".into(),
+            key: "#".into()
+        }));
+    }
+
+    #[test]
+    fn the_watchdog_queue_only_with_a_watchdog_table() {
+        let env = |_: &str| None;
+        let config = Config::parse(CONFIG, "t.toml").unwrap();
+        let d = Desired::build(&inputs(&config, None, &env));
+        assert!(!d.queues.contains_key("q_feed.watchdog"));
+        let config = Config::parse(&format!("{CONFIG}\n[watchdog]\n"), "t.toml").unwrap();
+        let d = Desired::build(&inputs(&config, None, &env));
+        assert_eq!(
+            d.queues["q_feed.watchdog"].arguments,
+            names::watchdog_queue(&config, "feed").arguments
+        );
+        assert!(d.bindings.contains(&Binding {
+            exchange: "xreport".into(),
+            queue: "q_feed.watchdog".into(),
             key: "#".into()
         }));
     }

@@ -78,6 +78,9 @@ pub struct Plan {
     /// Stamp `pumpwatch_client`/`pumpwatch_source` as `route` would (for traffic that
     /// bypasses `route`, e.g. straight into `xreport`).
     pub stamp: bool,
+    /// The host `--fail-node` makes fail: its reports are always in a format that names
+    /// the host (sr3's formats name none, so a watchdog could not tell whose they are).
+    pub fail_node: Option<String>,
 }
 
 impl Plan {
@@ -92,6 +95,7 @@ impl Plan {
             seed: 1,
             exchange: None,
             stamp: false,
+            fail_node: None,
         }
     }
 }
@@ -143,10 +147,17 @@ impl Generator {
         } else {
             GOOD[self.rng.random_range(0..GOOD.len())]
         };
-        let choice = match p.format {
+        let mut choice = match p.format {
             FormatChoice::Mix => ALL[self.rng.random_range(0..ALL.len())],
             f => f,
         };
+        if p.fail_node.as_ref() == Some(&host) {
+            choice = match choice {
+                FormatChoice::Sr3 => FormatChoice::V03,
+                FormatChoice::Sr3v02 => FormatChoice::V02,
+                c => c,
+            };
+        }
         let size: u64 = self.rng.random_range(1_000..10_000_000);
         let duration = (self.rng.random_range(0.01..5.0f64) * 1000.0).round() / 1000.0;
         let sum: u64 = self.rng.random();
@@ -217,6 +228,66 @@ impl Generator {
     }
 }
 
+/// How `--fail-node` bends the traffic of one host: its finals are held back, so a few of
+/// its transfers are always open (started, not finished); once it fails, the held finals
+/// are never sent and the host sends nothing more, as a node that died would.
+#[derive(Debug, Clone)]
+pub struct FailingNode {
+    pub host: String,
+    held: std::collections::VecDeque<Sim>,
+    failed: bool,
+    /// The finals never sent: the transfers left open by the failure, oldest first.
+    pub lost: Vec<Sim>,
+}
+
+impl FailingNode {
+    /// Transfers the node keeps open while it runs.
+    pub const HOLD: usize = 5;
+
+    pub fn new(host: &str) -> FailingNode {
+        FailingNode {
+            host: host.to_owned(),
+            held: Default::default(),
+            failed: false,
+            lost: Vec::new(),
+        }
+    }
+
+    pub fn has_failed(&self) -> bool {
+        self.failed
+    }
+
+    /// What to publish of one product's messages (its 102, then its outcome).
+    pub fn pass(&mut self, sims: Vec<Sim>) -> Vec<Sim> {
+        if sims.first().is_none_or(|s| s.host != self.host) {
+            return sims;
+        }
+        if self.failed {
+            return Vec::new();
+        }
+        let mut out = Vec::with_capacity(2);
+        for s in sims {
+            if s.code == crate::core::code::STARTED {
+                out.push(s);
+                continue;
+            }
+            self.held.push_back(s);
+            if self.held.len() > Self::HOLD
+                && let Some(oldest) = self.held.pop_front()
+            {
+                out.push(oldest);
+            }
+        }
+        out
+    }
+
+    /// From now on the node is silent; what it held is lost.
+    pub fn fail(&mut self) {
+        self.failed = true;
+        self.lost = self.held.drain(..).collect();
+    }
+}
+
 fn message(code: u16) -> &'static str {
     match code {
         201 => "Downloaded",
@@ -281,6 +352,54 @@ mod tests {
                 assert_eq!(r.rel_path, s.rel_path);
                 assert_eq!(r.format, s.format);
             }
+        }
+    }
+
+    #[test]
+    fn a_failing_node_holds_its_finals_then_goes_silent() {
+        let mut plan = Plan::new(1, 2, 3);
+        plan.starts = true;
+        plan.fail_node = Some("node2".into());
+        let mut g = Generator::new(plan);
+        let mut f = FailingNode::new("node2");
+        let mut sent = Vec::new();
+        for _ in 0..60 {
+            sent.extend(f.pass(g.next_product(now())));
+        }
+        f.fail();
+        let after: Vec<Sim> = (0..60)
+            .flat_map(|_| f.pass(g.next_product(now())))
+            .collect();
+        assert!(after.iter().all(|s| s.host != "node2"));
+        assert!(after.iter().any(|s| s.host == "node1"));
+        assert_eq!(f.lost.len(), FailingNode::HOLD);
+        let node2: Vec<&Sim> = sent.iter().filter(|s| s.host == "node2").collect();
+        let starts = node2.iter().filter(|s| s.code == 102).count();
+        let finals = node2.len() - starts;
+        assert_eq!(starts, finals + FailingNode::HOLD);
+        for lost in &f.lost {
+            assert!(
+                sent.iter()
+                    .any(|s| s.code == 102 && s.rel_path == lost.rel_path)
+            );
+            assert!(
+                !sent
+                    .iter()
+                    .any(|s| s.code != 102 && s.rel_path == lost.rel_path)
+            );
+            // In a format that names the host.
+            let inc = Incoming {
+                exchange: &lost.exchange,
+                routing_key: &lost.out.routing_key,
+                body: &lost.out.body,
+                content_type: Some(lost.out.content_type),
+                user_id: None,
+                headers: &lost.out.headers,
+            };
+            let Ok(Message::Report(r)) = parse(&inc) else {
+                panic!("{lost:?}")
+            };
+            assert_eq!(r.host.as_deref(), Some("node2"));
         }
     }
 

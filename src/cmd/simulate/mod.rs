@@ -13,7 +13,7 @@ use crate::broker::url::BrokerUrl;
 use crate::core::CodeClass;
 use crate::core::stamp::Stamp;
 use crate::shutdown::Shutdown;
-pub use generate::{FormatChoice, Generator, Plan, Sim};
+pub use generate::{FailingNode, FormatChoice, Generator, Plan, Sim};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -53,6 +53,14 @@ pub struct Args {
     /// Stamp pumpwatch_client/pumpwatch_source as route would [default: when --exchange is not an xs_ exchange].
     #[arg(long)]
     pub stamp: Option<bool>,
+    /// This host (node1..nodeH) starts transfers (102) and holds back their finals, then
+    /// goes silent at --fail-after: what it held stays in flight for a watchdog to find.
+    /// Implies --starts.
+    #[arg(long, value_name = "HOST")]
+    pub fail_node: Option<String>,
+    /// When --fail-node goes silent, from the start [default: 10 s].
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    pub fail_after: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -63,6 +71,8 @@ pub struct Config {
     pub rate: f64,
     pub count: Option<u64>,
     pub duration: Option<Duration>,
+    /// `--fail-node` and when it fails.
+    pub fail: Option<(String, Duration)>,
 }
 
 /// What was sent: printed at the end.
@@ -76,6 +86,9 @@ pub struct Summary {
     pub by_source: BTreeMap<String, u64>,
     pub by_client: BTreeMap<String, u64>,
     pub exchanges: BTreeSet<String>,
+    /// `--fail-node`: the host, when it went silent (after the start), and the products
+    /// it left in flight (their 102 sent, their final never).
+    pub failed: Option<(String, Duration, Vec<Sim>)>,
 }
 
 impl fmt::Display for Summary {
@@ -108,6 +121,14 @@ impl fmt::Display for Summary {
         writeln!(f, "  by class:  {}", classes.join(", "))?;
         writeln!(f, "  by source: {}", list(&self.by_source))?;
         writeln!(f, "  by client: {}", list(&self.by_client))?;
+        if let Some((host, after, lost)) = &self.failed {
+            writeln!(
+                f,
+                "  {host} went silent after {:.1} s with {} transfers in flight",
+                after.as_secs_f64(),
+                lost.len()
+            )?;
+        }
         write!(f, "  unroutable (no queue bound): {}", self.unroutable)
     }
 }
@@ -146,12 +167,31 @@ impl Config {
             super::check_object_name("--exchange", x)?;
         }
         plan.exchange = a.exchange;
+        let fail = match (a.fail_node, a.fail_after) {
+            (Some(host), after) => {
+                if !plan.hosts.contains(&host) {
+                    return Err(UsageError(format!(
+                        "invalid --fail-node {:?}: the simulated hosts are {}",
+                        crate::core::text::escape(&host),
+                        plan.hosts.join(", ")
+                    )));
+                }
+                plan.starts = true;
+                plan.fail_node = Some(host.clone());
+                Some((host, after.unwrap_or(Duration::from_secs(10))))
+            }
+            (None, Some(_)) => {
+                return Err(UsageError::new("--fail-after needs --fail-node HOST"));
+            }
+            (None, None) => None,
+        };
         Ok(Config {
             broker: common.broker.clone(),
             plan,
             rate: a.rate,
             count: a.count,
             duration: a.duration,
+            fail,
         })
     }
 }
@@ -205,23 +245,33 @@ pub async fn send(cfg: Config, shutdown: Shutdown) -> Result<Summary, AmqpError>
         ..Summary::default()
     };
     let mut pending: VecDeque<PendingConfirm> = VecDeque::with_capacity(WINDOW);
+    let mut failing = cfg.fail.as_ref().map(|(h, _)| FailingNode::new(h));
+    // Products made, sent or not (a failed node's are not): what --count and --rate count.
+    let mut made = 0u64;
     let start = Instant::now();
     let tstart = tokio::time::Instant::now();
     let mut result = Ok(());
-    while count.is_none_or(|c| summary.products < c)
-        && cfg.duration.is_none_or(|d| start.elapsed() < d)
-    {
+    while count.is_none_or(|c| made < c) && cfg.duration.is_none_or(|d| start.elapsed() < d) {
         if shutdown.is_cancelled() {
             break;
         }
         if cfg.rate > 0.0 {
-            let due = tstart + Duration::from_secs_f64(summary.products as f64 / cfg.rate);
+            let due = tstart + Duration::from_secs_f64(made as f64 / cfg.rate);
             tokio::select! {
                 _ = tokio::time::sleep_until(due) => {}
                 _ = shutdown.cancelled() => break,
             }
         }
-        for sim in generator.next_product(now()) {
+        let mut sims = generator.next_product(now());
+        made += 1;
+        if let (Some(f), Some((_, after))) = (failing.as_mut(), &cfg.fail) {
+            if !f.has_failed() && start.elapsed() >= *after {
+                f.fail();
+                summary.failed = Some((f.host.clone(), start.elapsed(), f.lost.clone()));
+            }
+            sims = f.pass(sims);
+        }
+        for sim in sims {
             match client.publish(&sim.exchange, &sim.out).await {
                 Ok(p) => pending.push_back(p),
                 Err(e) => {

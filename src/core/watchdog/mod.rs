@@ -41,7 +41,7 @@ pub use persist::{Changes, NodeRow, RestoreReport, TransferRow};
 pub use snapshot::{NodeState, NodeView, Query, Snapshot, TransferState, TransferView};
 
 use crate::core::stamp::Stamp;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// The client (and node) counted for a report that names neither.
@@ -96,8 +96,10 @@ impl Default for Settings {
 }
 
 /// Cumulative counts, per node and in total. Always
-/// `opened = in flight + closed + evicted + expired`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+/// `opened = in flight + closed + evicted + expired`. Deserialised with every missing
+/// count 0 (the daemon stores them as JSON).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Counts {
     /// 102 reports that opened a transfer.
     pub opened: u64,
