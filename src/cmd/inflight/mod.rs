@@ -270,7 +270,7 @@ pub fn render(a: &Answer, list: bool) -> String {
                 if n.stuck > 0 {
                     let _ = write!(state, " ({} stuck)", n.stuck);
                 }
-                if n.stale > 0 {
+                if n.stale > 0 && n.state != "failed" {
                     let _ = write!(state, " ({} stale)", n.stale);
                 }
                 vec![
@@ -361,7 +361,7 @@ mod tests {
         assert_eq!(lines.len(), 7, "{out}");
         assert!(lines[0].starts_with("NODE"));
         assert!(lines[1].contains("   12  1 min"), "{out}");
-        assert!(lines[2].contains("failed (3 stale)"), "{out}");
+        assert!(lines[2].contains("failed  "), "{out}");
         assert_eq!(lines[6], "(1 of 4 listed: --limit N for more)");
         let no_list = render(&answer(), false);
         assert_eq!(no_list.lines().count(), 3);
