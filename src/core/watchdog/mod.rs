@@ -36,7 +36,7 @@ mod snapshot;
 mod tests;
 
 pub use machine::Watchdog;
-pub use messages::{announcement, format_from_name};
+pub use messages::{MAX_LISTED, announcement, format_from_name};
 pub use persist::{Changes, NodeRow, RestoreReport, TransferRow};
 pub use snapshot::{NodeState, NodeView, Query, Snapshot, TransferState, TransferView};
 
