@@ -20,6 +20,12 @@
 //!   the memory, its weight (n and m2, the variance kept) is scaled by `(M − 1)/M`, so old
 //!   weeks fade geometrically and a permanent change (a client that now really moves half
 //!   as much) stops being unusual within a few weeks instead of never.
+//! - **This hour of this week is not compared with itself**: a name's samples of the
+//!   current (hour, week) gather apart and are merged into their slot (Chan's parallel
+//!   Welford) only when the hour or week changes, so a drop is judged against the
+//!   previous weeks alone (otherwise the hour's own low samples would pull the
+//!   expectation down within minutes). A restart of `serve` loses at most that hour,
+//!   unless it stops cleanly ([`Baselines::settle`]).
 //!
 //! Values are best given as files per second of the interval (not files per interval), so
 //! a change of speedo interval does not invalidate what was learned.
@@ -121,6 +127,22 @@ impl Slot {
         if !valid(x) {
             return false;
         }
+        self.new_week(week, memory);
+        self.add(x);
+        true
+    }
+
+    /// Welford's step for one value.
+    fn add(&mut self, x: f64) {
+        self.n = self.n.saturating_add(1);
+        let delta = x - self.mean;
+        self.mean += delta / f64::from(self.n);
+        // (x − old mean)·(x − new mean) ≥ 0: m2 never decreases, never goes negative.
+        self.m2 += delta * (x - self.mean);
+    }
+
+    /// Counts `week` if it is a new one (fading the old weight past `memory` weeks).
+    fn new_week(&mut self, week: u32, memory: u16) {
         if self.n == 0 || week > self.last_week {
             self.weeks = self.weeks.saturating_add(1);
             self.last_week = week;
@@ -128,12 +150,20 @@ impl Slot {
                 self.fade(memory.max(2));
             }
         }
-        self.n = self.n.saturating_add(1);
-        let delta = x - self.mean;
-        self.mean += delta / f64::from(self.n);
-        // (x − old mean)·(x − new mean) ≥ 0: m2 never decreases, never goes negative.
-        self.m2 += delta * (x - self.mean);
-        true
+    }
+
+    /// Merges the samples `b` gathered in `week` (Chan et al.'s parallel update).
+    fn merge(&mut self, week: u32, b: &Slot, memory: u16) {
+        if b.n == 0 {
+            return;
+        }
+        self.new_week(week, memory);
+        let (na, nb) = (f64::from(self.n), f64::from(b.n));
+        let n = na + nb;
+        let delta = b.mean - self.mean;
+        self.mean += delta * nb / n;
+        self.m2 += b.m2 + delta * delta * na * nb / n;
+        self.n = self.n.saturating_add(b.n);
     }
 
     /// Scales the weight of what was learned by `(m − 1)/m`, keeping mean and variance.
@@ -261,6 +291,18 @@ pub struct Baseline {
     slots: Box<[Slot; HOURS_PER_WEEK]>,
     /// Slots changed since the last [`Baselines::drain_changed`].
     changed: [u64; 3],
+    /// The samples of the current (hour, week), not yet in their slot.
+    pending: Option<Pending>,
+    /// In [`Baselines`]'s list of changed names.
+    listed: bool,
+}
+
+/// One hour of one week, gathering.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Pending {
+    hour: u8,
+    week: u32,
+    samples: Slot,
 }
 
 impl Default for Baseline {
@@ -268,19 +310,44 @@ impl Default for Baseline {
         Baseline {
             slots: Box::new([Slot::default(); HOURS_PER_WEEK]),
             changed: [0; 3],
+            pending: None,
+            listed: false,
         }
     }
 }
 
 impl Baseline {
-    /// Learns `value` for the interval that ended at `at`.
+    /// Learns `value` for the interval that ended at `at`: gathered with the other
+    /// samples of the same hour of the same week, merged into the slot once that hour is
+    /// over (see the module doc).
     pub fn observe(&mut self, at: Timestamp, value: f64, memory: u16) -> bool {
-        let h = usize::from(hour_of_week(at).0);
-        let ok = self.slots[h].observe(week_of(at), value, memory);
-        if ok {
+        if !valid(value) {
+            return false;
+        }
+        let (hour, week) = (hour_of_week(at).0, week_of(at));
+        match &mut self.pending {
+            Some(p) if p.hour == hour && p.week == week => p.samples.add(value),
+            _ => {
+                self.settle(memory);
+                let mut samples = Slot::default();
+                samples.add(value);
+                self.pending = Some(Pending {
+                    hour,
+                    week,
+                    samples,
+                });
+            }
+        }
+        true
+    }
+
+    /// Merges the gathering hour into its slot now (a clean stop, a test).
+    pub fn settle(&mut self, memory: u16) {
+        if let Some(p) = self.pending.take() {
+            let h = usize::from(p.hour);
+            self.slots[h].merge(p.week, &p.samples, memory);
             self.changed[h / 64] |= 1 << (h % 64);
         }
-        ok
     }
 
     pub fn slot(&self, hour: HourOfWeek) -> &Slot {
@@ -461,12 +528,24 @@ impl Baselines {
             Some(b) => b,
             None => self.names.entry(name.into()).or_default(),
         };
-        let first_change = b.changed == [0; 3];
         b.observe(at, value, self.memory);
-        if first_change {
+        // A merge marks a slot changed: remember the name once for the next drain.
+        if b.changed != [0; 3] && !b.listed {
+            b.listed = true;
             self.changed.push(name.into());
         }
         true
+    }
+
+    /// Merges every name's gathering hour into its slot (before a last save).
+    pub fn settle(&mut self) {
+        for (name, b) in self.names.iter_mut() {
+            b.settle(self.memory);
+            if b.changed != [0; 3] && !b.listed {
+                b.listed = true;
+                self.changed.push(name.clone());
+            }
+        }
     }
 
     /// The rule for `name`; [`Expectation::NotLearned`] for a name never seen.
@@ -502,6 +581,7 @@ impl Baselines {
                 continue;
             };
             let bits = std::mem::take(&mut b.changed);
+            b.listed = false;
             for (h, s) in b.slots.iter().enumerate() {
                 if bits[h / 64] & (1 << (h % 64)) != 0 {
                     out.push(row(&name, HourOfWeek(h as u8), s));
@@ -573,6 +653,7 @@ mod tests {
             let h = hour_of_week(t);
             b.observe(name, t, rate(h.get(), i));
         }
+        b.settle();
     }
 
     /// The window ending at `end` (10 intervals), each with `value(i)`.
@@ -718,28 +799,42 @@ mod tests {
             b.expectation("x", &rule, w(wed(0, 0))),
             Expectation::NotLearned
         );
-        // 60 samples, one week: not trusted.
+        // 60 samples of one week gather apart: nothing in the slot yet.
         for m in 0..60 {
             b.observe("x", wed(0, m), 10.0 + (m % 2) as f64);
         }
-        let slot = *b.get("x").unwrap().slot(hour_of_week(wed(0, 0)));
-        assert_eq!((slot.n(), slot.weeks()), (60, 1));
+        let slot = |b: &Baselines| *b.get("x").unwrap().slot(hour_of_week(wed(0, 0)));
+        assert_eq!((slot(&b).n(), slot(&b).weeks()), (0, 0));
+        // The next week's first sample merges them: one week, not trusted.
+        for m in 0..60 {
+            b.observe("x", wed(1, m), 10.0 + (m % 2) as f64);
+            if m == 0 {
+                assert_eq!((slot(&b).n(), slot(&b).weeks()), (60, 1));
+            }
+        }
         assert_eq!(
             b.expectation("x", &rule, w(wed(1, 30))),
             Expectation::NotLearned
         );
         for m in 0..60 {
-            b.observe("x", wed(1, m), 10.0 + (m % 2) as f64);
+            b.observe("x", wed(2, m), 10.0 + (m % 2) as f64);
         }
         assert_eq!(
             b.expectation("x", &rule, w(wed(2, 30))),
             Expectation::NotLearned
         );
-        // The third week's first sample makes it three weeks.
-        b.observe("x", wed(2, 0), 10.0);
-        assert!(b.expectation("x", &rule, w(wed(2, 30))).is_unusual());
+        // The fourth week's first sample makes it three weeks learned.
+        b.observe("x", wed(3, 0), 10.0);
+        assert_eq!(slot(&b).weeks(), 3);
+        assert!(b.expectation("x", &rule, w(wed(3, 30))).is_unusual());
+        // This week's low samples do not pull the expectation down within the hour.
+        for m in 1..60 {
+            b.observe("x", wed(3, m), 0.0);
+        }
+        assert!(b.expectation("x", &rule, w(wed(3, 59))).is_unusual());
+        let mixed_end = wed(3, 30);
         // One interval in an unlearned slot: not learned, never a false alarm.
-        let mut mixed: Vec<_> = w(wed(2, 30)).collect();
+        let mut mixed: Vec<_> = w(mixed_end).collect();
         mixed[0].hour = HourOfWeek::new(11).unwrap();
         assert_eq!(b.expectation("x", &rule, mixed), Expectation::NotLearned);
         // One sample has no spread: not learned, even with min_samples 1.
@@ -764,6 +859,7 @@ mod tests {
         for i in 0..4 * 7 * 24 * 60 {
             b.observe("steady", at(MONDAY + i * INTERVAL), 10.0);
         }
+        b.settle();
         let end = MONDAY + 4 * 7 * 86_400 + 12 * 3600;
         for (value, unusual) in [(9.9, false), (8.0, false), (7.4, true), (5.0, true)] {
             let e = b.expectation("steady", &rule, window(end, |_| value));
@@ -886,11 +982,13 @@ mod tests {
         let h = at(MONDAY + 5 * 3600);
         c.observe("cfs", h, 1.0);
         c.observe("cfs", h, 1.0);
+        c.settle();
         let d = c.drain_changed();
         assert_eq!((d.len(), d[0].hour_of_week), (1, 5));
         assert!(c.forget("cfs") && !c.forget("cfs"));
         c.observe("edu", h, 1.0);
         c.observe("cfs", h, 1.0);
+        c.settle();
         assert!(c.forget("cfs"));
         assert_eq!(
             c.drain_changed().len(),

@@ -296,10 +296,13 @@ impl fmt::Display for Perf {
         }
         f.write_str("'=")?;
         match plain_number(self.value) {
-            Some(v) => f.write_str(&v)?,
+            Some(v) => {
+                f.write_str(&v)?;
+                f.write_str(self.uom.as_str())?;
+            }
+            // `U` alone: a unit after it would not parse as "undetermined".
             None => f.write_char('U')?,
         }
-        f.write_str(self.uom.as_str())?;
         let fields = [
             self.warn.map(|r| r.to_string()),
             self.crit.map(|r| r.to_string()),
@@ -555,7 +558,7 @@ mod tests {
             ),
             (
                 Perf::new("", f64::NAN, Uom::Percent).max(f64::INFINITY),
-                "'_'=U%",
+                "'_'=U",
             ),
             (
                 Perf::new("x", 1e21, Uom::None).max(100.0),

@@ -508,6 +508,11 @@ async fn persist(
         };
         {
             let mut b = board.lock().unwrap_or_else(|p| p.into_inner());
+            if last {
+                // Stopping: the hour being gathered goes in too.
+                b.learning.clients.settle();
+                b.learning.sources.settle();
+            }
             for (owner, rows) in [
                 (state::Owner::Client, b.learning.clients.drain_changed()),
                 (state::Owner::Source, b.learning.sources.drain_changed()),
@@ -607,5 +612,29 @@ impl Hangup {
             return;
         }
         std::future::pending::<()>().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_file_on_sighup_keeps_the_old_thresholds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pumpwatch.toml");
+        std::fs::write(&path, "[thresholds.cfs]\ntd = 60\n").unwrap();
+        let pump = PumpConfig::from_file(&path).unwrap();
+        let common =
+            Common::with_broker(pump.clone(), &BrokerUrl::parse("amqp://localhost").unwrap());
+        let cfg = Config::from_args(Args::default(), &common).unwrap();
+        let board = Mutex::new(Board::new(&pump, View::Admin, Duration::from_secs(60)));
+        std::fs::write(&path, "[thresholds.cfs\ntd = 1\n").unwrap();
+        reload(&cfg, &board);
+        let td = |b: &Mutex<Board>| b.lock().unwrap().thresholds_for("cfs").td;
+        assert_eq!(td(&board), Duration::from_secs(60));
+        std::fs::write(&path, "[thresholds.cfs]\ntd = 5\n").unwrap();
+        reload(&cfg, &board);
+        assert_eq!(td(&board), Duration::from_secs(5));
     }
 }
