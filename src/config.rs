@@ -93,6 +93,9 @@ pub enum Role {
     Subscriber,
     Feeder,
     Admin,
+    /// A neighbour pump's account here (SPEC §3, §4.8): its shovel writes the reports it
+    /// forwards to `xs_<account>`, and nothing else.
+    Cluster,
 }
 
 impl Role {
@@ -102,6 +105,7 @@ impl Role {
             Role::Subscriber => "subscriber",
             Role::Feeder => "feeder",
             Role::Admin => "admin",
+            Role::Cluster => "cluster",
         }
     }
 }
@@ -159,6 +163,7 @@ struct RawRoute {
     max_body: Option<usize>,
     prefetch: Option<u16>,
     queue_type: Option<QueueType>,
+    max_inflight_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -270,6 +275,8 @@ pub struct RouteSettings {
     pub max_body: usize,
     pub prefetch: u16,
     pub queue_type: QueueType,
+    /// Bytes of messages route holds at most while their publish is unconfirmed.
+    pub max_inflight_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -564,6 +571,7 @@ impl Config {
                     .unwrap_or(crate::core::report::DEFAULT_MAX_BODY),
                 prefetch,
                 queue_type: raw.route.queue_type.unwrap_or_default(),
+                max_inflight_bytes: raw.route.max_inflight_bytes.unwrap_or(64 << 20),
             },
             speedo,
             serve: ServeSettings {
@@ -610,10 +618,16 @@ impl Config {
     pub fn accounts(&self) -> crate::core::attribution::Accounts {
         let mut a = crate::core::attribution::Accounts::default();
         for u in self.users.values() {
-            if u.role == Role::Source {
-                a.sources.insert(u.name.clone());
-            } else {
-                a.others.insert(u.name.clone());
+            match u.role {
+                Role::Source => {
+                    a.sources.insert(u.name.clone());
+                }
+                Role::Cluster => {
+                    a.clusters.insert(u.name.clone());
+                }
+                _ => {
+                    a.others.insert(u.name.clone());
+                }
             }
         }
         a

@@ -67,6 +67,7 @@ fn topology(exchange: &str, queue: &str, key: &str) -> Topology {
         exchanges: vec![ExchangeDecl::topic(exchange)],
         queues: vec![QueueDecl::durable(queue)],
         bindings: vec![BindingDecl::new(queue, exchange, key)],
+        ..Topology::default()
     }
 }
 

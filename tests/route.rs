@@ -1,6 +1,9 @@
-//! `pumpwatch route` against the real broker, with real users: routing back to each
-//! source, spoofing and garbage rejected with reasons, sr3 attribution through the
-//! announcement index, and nothing lost when route is killed or its connection closed.
+//! `pumpwatch route` against the real broker, with real users: each report published once
+//! to `xreport` and fanned out by the broker to its source only, admins seeing each report
+//! exactly once, spoofing and garbage rejected with reasons, unknown sources reaching
+//! `xreport` and `xrejected` only, the sender's own `CC`/`BCC` and reserved topics
+//! refused, sr3 attribution through the announcement index, and nothing lost when route
+//! is killed or its connection closed.
 
 mod common;
 
@@ -42,6 +45,8 @@ struct Pump {
     sat: String,
     cfs: common::TestUser,
     radar_user: common::TestUser,
+    /// The pump's own account (sarra, sender): reports through `xs_<feeder>` too.
+    feed: common::TestUser,
     config: Config,
 }
 
@@ -51,13 +56,18 @@ async fn pump(prefix: &str) -> Option<Pump> {
     let sat = vh.add_user("sat", "sat-pw", &[]).await;
     let cfs = vh.add_user("cfs", "cfs-pw", &[]).await;
     let edu = vh.add_user("edu", "edu-pw", &[]).await;
+    let feed = vh.add_user("feed", "feed-pw", &[]).await;
+    vh.mgmt
+        .put_permissions(&vh.name, &feed.name, ".*", ".*", ".*")
+        .await
+        .unwrap();
     grant(&vh, &radar_user.name, true).await;
     grant(&vh, &sat.name, true).await;
     grant(&vh, &cfs.name, false).await;
     grant(&vh, &edu.name, false).await;
     let toml = format!(
-        "cluster = \"test.pump\"\n[users.\"{}\"]\nrole = \"source\"\n[users.\"{}\"]\nrole = \"source\"\n[users.\"{}\"]\nrole = \"subscriber\"\n[users.\"{}\"]\nrole = \"subscriber\"\n[route]\nprefetch = 200\n",
-        radar_user.name, sat.name, cfs.name, edu.name
+        "cluster = \"test.pump\"\n[users.\"{}\"]\nrole = \"source\"\n[users.\"{}\"]\nrole = \"source\"\n[users.\"{}\"]\nrole = \"subscriber\"\n[users.\"{}\"]\nrole = \"subscriber\"\n[users.\"{}\"]\nrole = \"feeder\"\n[route]\nprefetch = 200\n",
+        radar_user.name, sat.name, cfs.name, edu.name, feed.name
     );
     let config = Config::parse(&toml, "test").unwrap();
     Some(Pump {
@@ -65,6 +75,7 @@ async fn pump(prefix: &str) -> Option<Pump> {
         sat: sat.name,
         cfs,
         radar_user,
+        feed,
         config,
         vh,
     })
@@ -138,6 +149,7 @@ async fn watch(url: &str, exchange: &str, queue: &str) -> (Client, Seen) {
             exchange: exchange.into(),
             routing_key: "#".into(),
         }],
+        exchange_bindings: vec![],
     };
     let client = Client::connect(
         &common::broker(url),
@@ -234,17 +246,12 @@ fn start_route(
     (shutdown, h, counters)
 }
 
-/// Waits for route's queues to exist (it declares them on connect).
-async fn route_ready(vh: &TestVhost) {
-    common::wait_until("route's queues are declared", T, || {
-        let (m, v) = (vh.mgmt.clone(), vh.name.clone());
-        async move {
-            m.get_queue(&v, "q_guest.route.validate")
-                .await
-                .ok()
-                .flatten()
-                .is_some()
-        }
+/// Waits for route's queue to exist (it declares it on connect).
+async fn route_ready(p: &Pump) {
+    let queue = names::route_queue(&p.config, &p.feed.name).name;
+    common::wait_until("route's queue is declared", T, || {
+        let (m, v, q) = (p.vh.mgmt.clone(), p.vh.name.clone(), queue.clone());
+        async move { m.get_queue(&v, &q).await.ok().flatten().is_some() }
     })
     .await;
 }
@@ -253,11 +260,13 @@ async fn route_ready(vh: &TestVhost) {
 async fn reports_reach_their_source_and_only_theirs() {
     let Some(p) = pump("route").await else { return };
     let (shutdown, handle, counters) = start_route(&p);
-    route_ready(&p.vh).await;
+    route_ready(&p).await;
     let url = p.vh.amqp_url.as_str();
     let (_c1, radar) = watch(url, &names::source_exchange(&p.radar), "obs.radar").await;
     let (_c2, sat) = watch(url, &names::source_exchange(&p.sat), "obs.sat").await;
     let (_c3, rejected) = watch(url, "xrejected", "obs.rejected").await;
+    // An admin's queue on xreport: every report exactly once.
+    let (_c4, admin) = watch(url, "xreport", "obs.admin").await;
 
     let cfs = p.cfs.name.as_str();
     let mut msgs = Vec::new();
@@ -290,21 +299,37 @@ async fn reports_reach_their_source_and_only_theirs() {
     }
     // cfs publishes with its own account, on its own exchange, as a consumer would.
     publish_all(&p.cfs.amqp_url, &names::user_exchange(cfs), &msgs).await;
+    // The pump's own processes report through the feeder's exchange like everybody.
+    let feed = p.feed.name.as_str();
+    let own: Vec<Outgoing> = (0..10)
+        .map(|i| emit(&report(&p.radar, feed, 3000 + i, 201), Format::V02))
+        .collect();
+    publish_all(&p.feed.amqp_url, &names::user_exchange(feed), &own).await;
 
-    wait_count(&radar, 500, "500 reports on xr_radar").await;
+    wait_count(&radar, 510, "510 reports on xr_radar").await;
     wait_count(&sat, 500, "500 reports on xr_sat").await;
     wait_count(&rejected, 70, "70 rejects").await;
+    wait_count(&admin, 1010, "1010 reports on xreport").await;
     shutdown.cancel();
     handle.await.unwrap().unwrap();
 
-    for (seen, source) in [(&radar, &p.radar), (&sat, &p.sat)] {
+    for (seen, source, n) in [(&radar, &p.radar, 510), (&sat, &p.sat, 500)] {
         let all = seen.0.lock().unwrap();
-        assert_eq!(all.len(), 500, "exactly 500 on xr_{source}");
-        for (_, h, _) in all.iter() {
-            assert_eq!(h.get_str(names::H_CLIENT), Some(cfs));
+        assert_eq!(all.len(), n, "exactly {n} on xr_{source}");
+        for (key, h, _) in all.iter() {
+            let client = h.get_str(names::H_CLIENT);
+            assert!(client == Some(cfs) || client == Some(feed), "{client:?}");
             assert_eq!(h.get_str(names::H_SOURCE), Some(source.as_str()));
+            // Published with its own topic; the broker strips the BCC before delivery.
+            assert!(key.starts_with("v0"), "{key}");
+            assert!(h.get("BCC").is_none(), "BCC delivered: {h:?}");
         }
     }
+    // Admins see every routed report exactly once (the BCC copy is not a second one).
+    let on_xreport = admin.0.lock().unwrap().clone();
+    assert_eq!(on_xreport.len(), 1010);
+    let distinct: HashSet<&Vec<u8>> = on_xreport.iter().map(|(_, _, body)| body).collect();
+    assert_eq!(distinct.len(), 1010, "each report once on xreport");
     let rej = rejected.0.lock().unwrap().clone();
     assert_eq!(rej.len(), 70);
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
@@ -318,8 +343,8 @@ async fn reports_reach_their_source_and_only_theirs() {
     assert_eq!(reasons.get("malformed"), Some(&20), "{reasons:?}");
     // The original bytes are kept.
     assert!(rej.iter().any(|(_, _, b)| b == b"garbage"));
-    assert_eq!(counters.get("validate", "rejected"), 70);
-    assert_eq!(counters.get("dispatch", "routed"), 1000);
+    assert_eq!(counters.get("rejected"), 70);
+    assert_eq!(counters.get("routed"), 1010);
     // The same counters as Prometheus metrics (what `route --listen` serves).
     let stop = Shutdown::new();
     let addr = route::serve_metrics(
@@ -337,14 +362,72 @@ async fn reports_reach_their_source_and_only_theirs() {
         .await
         .unwrap();
     for want in [
-        r#"pumpwatch_route_messages_total{stage="dispatch",outcome="routed",reason=""} 1000"#,
-        r#"pumpwatch_route_messages_total{stage="validate",outcome="validated",reason=""} 1000"#,
-        r#"pumpwatch_route_messages_total{stage="validate",outcome="rejected",reason="spoofed"} 50"#,
-        r#"pumpwatch_route_messages_total{stage="validate",outcome="rejected",reason="malformed"} 20"#,
+        r#"pumpwatch_route_messages_total{outcome="routed",reason=""} 1010"#,
+        r#"pumpwatch_route_messages_total{outcome="rejected",reason="spoofed"} 50"#,
+        r#"pumpwatch_route_messages_total{outcome="rejected",reason="malformed"} 20"#,
     ] {
         assert!(text.contains(want), "{want} in\n{text}");
     }
     stop.cancel();
+}
+
+#[tokio::test]
+async fn unknown_sources_reach_admins_and_xrejected_and_nobody_else() {
+    let Some(p) = pump("routeunknown").await else {
+        return;
+    };
+    let (shutdown, handle, counters) = start_route(&p);
+    route_ready(&p).await;
+    let url = p.vh.amqp_url.as_str();
+    let (_c1, radar) = watch(url, &names::source_exchange(&p.radar), "obs.radar").await;
+    let (_c2, sat) = watch(url, &names::source_exchange(&p.sat), "obs.sat").await;
+    let (_c3, rejected) = watch(url, "xrejected", "obs.rejected").await;
+    let (_c4, admin) = watch(url, "xreport", "obs.admin").await;
+    let cfs = p.cfs.name.as_str();
+    let mut msgs: Vec<Outgoing> = (0..5)
+        .map(|i| emit(&report("nobody", cfs, i, 201), Format::V02))
+        .collect();
+    // A report that brings its own routing: CC/BCC to sat and a reserved topic.
+    let mut steered = emit(&report(&p.radar, cfs, 10, 201), Format::V02);
+    let to_sat = pumpwatch::core::HeaderValue::Array(vec![pumpwatch::core::HeaderValue::Str(
+        names::source_route_key(&p.sat),
+    )]);
+    steered.headers.set("CC", to_sat.clone());
+    steered.headers.set("BCC", to_sat);
+    msgs.push(steered);
+    let mut reserved = emit(&report(&p.radar, cfs, 11, 201), Format::V02);
+    reserved.routing_key = names::source_route_key(&p.sat);
+    msgs.push(reserved);
+    publish_all(&p.cfs.amqp_url, &names::user_exchange(cfs), &msgs).await;
+    wait_count(&rejected, 6, "5 unrouted and 1 reserved topic on xrejected").await;
+    wait_count(&admin, 6, "5 unrouted and 1 steered on xreport").await;
+    wait_count(&radar, 1, "the steered report on xr_radar").await;
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
+    // The unknown source's reports: on xreport for admins and on xrejected, with the
+    // reason; the steered one went where it belongs and nowhere else.
+    let rej = rejected.0.lock().unwrap().clone();
+    let reasons: Vec<&str> = rej
+        .iter()
+        .map(|(_, h, _)| h.get_str(names::H_REASON).unwrap_or(""))
+        .collect();
+    assert_eq!(
+        reasons.iter().filter(|r| **r == "unknown source").count(),
+        5,
+        "{reasons:?}"
+    );
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| r.starts_with("reserved topic"))
+            .count(),
+        1,
+        "{reasons:?}"
+    );
+    assert_eq!(admin.len(), 6);
+    assert_eq!(radar.len(), 1);
+    assert_eq!(sat.len(), 0, "nothing steered into xr_sat");
+    assert_eq!(counters.get("unrouted"), 5);
 }
 
 #[tokio::test]
@@ -353,7 +436,7 @@ async fn sr3_report_is_attributed_through_the_announcement_it_answers() {
         return;
     };
     let (shutdown, handle, _) = start_route(&p);
-    route_ready(&p.vh).await;
+    route_ready(&p).await;
     let url = p.vh.amqp_url.as_str();
     let (_c, radar) = watch(url, &names::source_exchange(&p.radar), "obs.radar").await;
     // radar announces a product on its own exchange...
@@ -421,7 +504,7 @@ async fn nothing_lost(prefix: &str, kill: bool) {
         "route",
     ];
     let mut routed = common::proc::spawn(&args);
-    route_ready(&p.vh).await;
+    route_ready(&p).await;
     let (_c1, radar) = watch(&url, &names::source_exchange(&p.radar), "obs.radar").await;
     let (_c2, sat) = watch(&url, &names::source_exchange(&p.sat), "obs.sat").await;
     let n = 20_000;

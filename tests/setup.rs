@@ -176,6 +176,7 @@ fn bind(queue: &str, exchange: &str) -> Topology {
         exchanges: vec![],
         queues: vec![QueueDecl::durable(queue)],
         bindings: vec![BindingDecl::new(queue, exchange, "#")],
+        ..Topology::default()
     }
 }
 
@@ -334,7 +335,6 @@ async fn fresh_vhost_then_no_change_and_dry_run_changes_nothing() {
     assert_eq!(
         queues,
         [
-            format!("q_{feed}.route.dispatch"),
             format!("q_{feed}.route.rejected"),
             format!("q_{feed}.route.validate"),
             format!("q_{radar}.reports"),
@@ -349,9 +349,21 @@ async fn fresh_vhost_then_no_change_and_dry_run_changes_nothing() {
         .collect();
     sources.sort();
     assert_eq!(sources.len(), 5, "xpublic and 4 xs_: {sources:?}");
-    assert!(bindings.iter().any(|b| b.source == "xreport"
-        && b.destination == format!("q_{feed}.route.dispatch")
-        && b.routing_key == "#"));
+    // The broker fans routed reports out: xreport -> xr_<source>, -> xrejected.
+    let mut fan_out: Vec<(&str, &str)> = bindings
+        .iter()
+        .filter(|b| b.source == "xreport" && b.destination_type == "exchange")
+        .map(|b| (b.destination.as_str(), b.routing_key.as_str()))
+        .collect();
+    fan_out.sort();
+    let radar_key = names::source_route_key(&radar);
+    assert_eq!(
+        fan_out,
+        [
+            (names::source_exchange(&radar).as_str(), radar_key.as_str()),
+            ("xrejected", names::UNROUTED_KEY),
+        ]
+    );
 
     // Second run, and a dry run: nothing to do.
     let (result, out) = pump.setup(&vh, Args::default()).await;
@@ -825,4 +837,108 @@ async fn problems_are_reported_and_everything_else_applied() {
     );
     let (_, out) = pump.setup(&vh, Args::default()).await;
     assert_eq!(out, NO_CHANGE);
+}
+
+/// The broker's fan-out follows the declared sources: a new source gets its
+/// `xreport → xr_<source>` binding on the next run, a removed one loses it with `--prune`.
+/// The queue the two-stage route of earlier versions read from `xreport` is removed once
+/// empty, never while it holds reports.
+#[tokio::test]
+async fn fan_out_follows_the_sources_and_the_old_dispatch_queue_goes_when_empty() {
+    let Some(vh) = common::vhost("setup-fanout").await else {
+        return;
+    };
+    let fan_out = |vh: &TestVhost| {
+        let (m, v) = (vh.mgmt.clone(), vh.name.clone());
+        async move {
+            let mut keys: Vec<String> = m
+                .list_bindings(&v)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|b| b.source == "xreport" && b.destination_type == "exchange")
+                .map(|b| b.routing_key)
+                .collect();
+            keys.sort();
+            keys
+        }
+    };
+    let one = Pump::new(&vh, &[("radar", "source", 0), ("feed", "feeder", 0)], &[]);
+    let (radar, feed) = (one.user("radar"), one.user("feed"));
+    one.setup(&vh, Args::default()).await.0.unwrap();
+    assert_eq!(
+        fan_out(&vh).await,
+        [
+            names::source_route_key(&radar),
+            names::UNROUTED_KEY.to_owned()
+        ]
+    );
+    // The queue of the old dispatch stage, still holding a report.
+    let old = names::legacy_dispatch_queue(&feed);
+    vh.mgmt
+        .declare_queue(&vh.name, &old, &QueueSpec::durable())
+        .await
+        .unwrap();
+    assert!(
+        vh.mgmt
+            .publish(&vh.name, "", &old, "a report", &Map::new())
+            .await
+            .unwrap()
+    );
+
+    let two = Pump::new(
+        &vh,
+        &[
+            ("radar", "source", 0),
+            ("sat", "source", 0),
+            ("feed", "feeder", 0),
+        ],
+        &[],
+    );
+    let sat = two.user("sat");
+    let (result, out) = two.setup(&vh, Args::default()).await;
+    println!("--- a new source ---\n{out}");
+    assert!(
+        out.contains(&format!(
+            "+ binding xreport -> exchange {} ({})\n",
+            names::source_exchange(&sat),
+            names::source_route_key(&sat)
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("! queue {old} of the two-stage route")),
+        "{out}"
+    );
+    assert_eq!(result.unwrap_err().exit_code(), 1);
+    let mut want = vec![
+        names::UNROUTED_KEY.to_owned(),
+        names::source_route_key(&radar),
+        names::source_route_key(&sat),
+    ];
+    want.sort();
+    assert_eq!(fan_out(&vh).await, want);
+    assert!(vh.mgmt.get_queue(&vh.name, &old).await.unwrap().is_some());
+
+    // Emptied, it goes.
+    vh.mgmt.get_messages(&vh.name, &old, 10).await.unwrap();
+    let (result, out) = two.setup(&vh, Args::default()).await;
+    result.unwrap_or_else(|e| panic!("{e}\n{out}"));
+    assert!(
+        out.contains(&format!("- queue {old} (no longer used)\n")),
+        "{out}"
+    );
+    assert!(vh.mgmt.get_queue(&vh.name, &old).await.unwrap().is_none());
+
+    // sat is gone from the configuration: --prune removes its binding (and exchange).
+    let (result, out) = one.setup(&vh, prune(false)).await;
+    result.unwrap_or_else(|e| panic!("{e}\n{out}"));
+    println!("--- prune ---\n{out}");
+    assert_eq!(
+        fan_out(&vh).await,
+        [
+            names::source_route_key(&radar),
+            names::UNROUTED_KEY.to_owned()
+        ]
+    );
 }

@@ -536,6 +536,23 @@ impl MgmtClient {
         self.delete(&["queues", vhost, name], "queue", name).await
     }
 
+    /// Deletes a queue only if it holds no message, checked by the broker itself (not
+    /// from statistics, which lag). `Ok(true)`: deleted or absent; `Ok(false)`: not empty.
+    pub async fn delete_queue_if_empty(&self, vhost: &str, name: &str) -> Result<bool, MgmtError> {
+        seg("vhost", vhost)?;
+        seg("queue", name)?;
+        let path = ["queues", vhost, name];
+        match self
+            .send_query(Method::DELETE, &path, Some("if-empty=true"), None, &[])
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(true),
+            Err(MgmtError::Status { status: 400, .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     pub async fn list_queues(&self, vhost: &str) -> Result<Vec<QueueInfo>, MgmtError> {
         seg("vhost", vhost)?;
         self.get_json(&["queues", vhost]).await
@@ -628,6 +645,30 @@ impl MgmtClient {
         self.send(
             Method::POST,
             &["bindings", vhost, "e", exchange, "q", queue],
+            Some(&body),
+            &[],
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Binds exchange `destination` to exchange `source` with `routing_key` (what
+    /// `source` routes with that key, or a `CC`/`BCC` key, also goes to `destination`);
+    /// binding twice is a no-op.
+    pub async fn bind_exchange(
+        &self,
+        vhost: &str,
+        source: &str,
+        destination: &str,
+        routing_key: &str,
+    ) -> Result<(), MgmtError> {
+        seg("vhost", vhost)?;
+        seg("exchange", source)?;
+        seg("exchange", destination)?;
+        let body = json!({ "routing_key": routing_key, "arguments": {} });
+        self.send(
+            Method::POST,
+            &["bindings", vhost, "e", source, "e", destination],
             Some(&body),
             &[],
         )
@@ -805,6 +846,18 @@ impl MgmtClient {
         body: Option<&Value>,
         secrets: &[&str],
     ) -> Result<String, MgmtError> {
+        self.send_query(method, path, None, body, secrets).await
+    }
+
+    /// [`send`](Self::send) with a query string (`if-empty=true`).
+    async fn send_query(
+        &self,
+        method: Method,
+        path: &[&str],
+        query: Option<&str>,
+        body: Option<&Value>,
+        secrets: &[&str],
+    ) -> Result<String, MgmtError> {
         let scrub = |text: &str| {
             let mut text = redact(text);
             for secret in secrets
@@ -818,9 +871,14 @@ impl MgmtClient {
             }
             text
         };
+        let mut url = self.url(path);
+        if let Some(q) = query {
+            url.push('?');
+            url.push_str(q);
+        }
         let mut request = self
             .http
-            .request(method.clone(), self.url(path))
+            .request(method.clone(), url)
             .basic_auth(&self.user, Some(&self.password));
         if let Some(body) = body {
             request = request.json(body);

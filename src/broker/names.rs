@@ -104,8 +104,12 @@ fn bounded(qt: QueueType, max: u32) -> Vec<(String, Arg)> {
 /// How many rejected messages are kept for admins to inspect.
 pub const REJECTED_KEEP: u32 = 100_000;
 
-/// `route`'s validate queue: every user's `xs_<user>` and `xpublic` (announcements).
-pub fn validate_queue(config: &Config, feeder: &str) -> QueueShape {
+/// `route`'s one queue: every declared account's `xs_<account>` (users, the feeder,
+/// neighbour pumps' accounts) and `xpublic` (announcements, for the index).
+///
+/// The name predates the one-stage `route` (it was the first of two stages); it is kept
+/// so that upgrading loses nothing waiting in it.
+pub fn route_queue(config: &Config, feeder: &str) -> QueueShape {
     let mut bindings: Vec<(String, String)> = config
         .users
         .keys()
@@ -113,19 +117,75 @@ pub fn validate_queue(config: &Config, feeder: &str) -> QueueShape {
         .collect();
     bindings.push((config.exchanges.public.clone(), "#".into()));
     QueueShape {
-        name: format!("q_{feeder}.route.validate"),
+        name: format!("{}route.validate", user_queue_prefix(feeder)),
         arguments: base_args(config.route.queue_type),
         bindings,
     }
 }
 
-/// `route`'s dispatch queue: everything in `xreport`.
-pub fn dispatch_queue(config: &Config, feeder: &str) -> QueueShape {
-    QueueShape {
-        name: format!("q_{feeder}.route.dispatch"),
-        arguments: base_args(config.route.queue_type),
-        bindings: vec![(config.exchanges.report.clone(), "#".into())],
-    }
+/// The second queue of the two-stage `route` of earlier versions, bound to everything in
+/// `xreport`: `setup` removes it once it is empty.
+pub fn legacy_dispatch_queue(feeder: &str) -> String {
+    format!("{}route.dispatch", user_queue_prefix(feeder))
+}
+
+/// The topic space `route` routes in with `BCC` keys; a report arriving under it is
+/// refused, or it could steer itself through our own bindings.
+pub const RESERVED_TOPIC_PREFIX: &str = "pumpwatch.";
+
+/// The `BCC` key of reports for this pump's source `source`.
+pub fn source_route_key(source: &str) -> String {
+    format!("{RESERVED_TOPIC_PREFIX}source.{source}")
+}
+
+/// The `BCC` key of reports forwarded to neighbour `cluster`.
+pub fn forward_route_key(cluster: &str) -> String {
+    format!("{RESERVED_TOPIC_PREFIX}forward.{cluster}")
+}
+
+/// The `BCC` key of reports nobody's source can be found for.
+pub const UNROUTED_KEY: &str = "pumpwatch.unrouted";
+
+/// True for a routing key in the reserved `pumpwatch.` space (compared without case:
+/// topic matching in RabbitMQ is exact, but an operator reading a topic is not).
+pub fn is_reserved_topic(routing_key: &str) -> bool {
+    routing_key
+        .get(..RESERVED_TOPIC_PREFIX.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(RESERVED_TOPIC_PREFIX))
+}
+
+/// The headers the broker routes on besides the topic (sender-selected distribution):
+/// never passed on from a user's message.
+pub const ROUTING_HEADERS: [&str; 2] = ["CC", "BCC"];
+
+/// The exchange-to-exchange bindings through which the broker fans a routed report out
+/// of `xreport` (SPEC §3): to each source's `xr_<source>`, each next hop's
+/// `xforward_<cluster>`, and `xrejected` for the unrouted. (source, destination, key).
+pub fn report_bindings(config: &Config) -> Vec<(String, String, String)> {
+    let report = &config.exchanges.report;
+    let mut out: Vec<(String, String, String)> = config
+        .sources()
+        .map(|u| {
+            (
+                report.clone(),
+                source_exchange(&u.name),
+                source_route_key(&u.name),
+            )
+        })
+        .collect();
+    out.extend(next_hops(config).map(|hop| {
+        (
+            report.clone(),
+            forward_exchange(hop),
+            forward_route_key(hop),
+        )
+    }));
+    out.push((
+        report.clone(),
+        config.exchanges.rejected.clone(),
+        UNROUTED_KEY.to_owned(),
+    ));
+    out
 }
 
 /// Keeps what validation refused, bounded, so admins can look at it later.
@@ -178,8 +238,8 @@ pub fn watchdog_queue(config: &Config, feeder: &str) -> QueueShape {
 }
 
 /// Reports waiting to go to neighbour `cluster`: bound to `xforward_<cluster>`; the dynamic
-/// shovel of SPEC §4.8 drains it to the neighbour's `xreport`, so a neighbour that is down
-/// gets its reports when it comes back.
+/// shovel of SPEC §4.8 drains it to the neighbour's `xs_<account>`, so a neighbour that is
+/// down gets its reports when it comes back.
 pub fn forward_queue(config: &Config, feeder: &str, cluster: &str) -> QueueShape {
     QueueShape {
         name: format!("q_{feeder}.forward.{cluster}"),
@@ -231,6 +291,7 @@ impl QueueShape {
             exchanges: vec![],
             queues: vec![queue],
             bindings,
+            exchange_bindings: vec![],
         }
     }
 }

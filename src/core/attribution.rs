@@ -8,7 +8,7 @@
 //! reports that entered `xreport` another way; so `log --source X` and the speedometers
 //! can never disagree about a report.
 
-use super::report::{Announcement, Report};
+use super::report::{Announcement, Identity, Report};
 use super::stamp::Stamp;
 use regex::Regex;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -21,12 +21,19 @@ pub const DEFAULT_RELPATH_PATTERN: &str = r"^/?\d{8}/(?P<source>[^/]+)/";
 #[derive(Debug, Clone, Default)]
 pub struct Accounts {
     pub sources: HashSet<String>,
+    /// Subscribers, the feeder, admins: accounts that consume and report.
     pub others: HashSet<String>,
+    /// Neighbour pumps' accounts: what they post was attributed by the pump it came from.
+    pub clusters: HashSet<String>,
 }
 
 impl Accounts {
     pub fn is_empty(&self) -> bool {
-        self.sources.is_empty() && self.others.is_empty()
+        self.sources.is_empty() && self.others.is_empty() && self.clusters.is_empty()
+    }
+
+    pub fn is_cluster(&self, name: &str) -> bool {
+        self.clusters.contains(name)
     }
 
     /// Whether `name` may be taken as a product's source.
@@ -153,12 +160,30 @@ fn file_name(p: &str) -> &str {
     t.rsplit('/').next().unwrap_or(t)
 }
 
+/// What [`AnnouncementIndex::insert`] did with an announcement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Indexed {
+    /// Remembered (or already known for the same source).
+    Yes,
+    /// A key was already claimed by another source: it is ambiguous now and attributes
+    /// nothing (nobody may redirect another source's reports).
+    Ambiguous,
+    /// Neither a pubTime nor a usable identity: nothing to key it by.
+    Unkeyed,
+}
+
 /// A bounded index from announcements to their source: the oldest entries are forgotten
 /// first, so memory stays flat whatever the traffic.
+///
+/// A security boundary (SPEC §2): the caller passes the account that **posted** the
+/// announcement as its source, never a field of the body. A key claimed by two different
+/// sources becomes ambiguous for as long as it is remembered; a report whose keys disagree
+/// (pubTime + name says one source, identity another) is attributed to neither.
 #[derive(Debug)]
 pub struct AnnouncementIndex {
     capacity: usize,
-    map: HashMap<Key, String>,
+    /// `None`: ambiguous.
+    map: HashMap<Key, Option<String>>,
     order: VecDeque<Key>,
 }
 
@@ -179,22 +204,36 @@ impl AnnouncementIndex {
         self.map.is_empty()
     }
 
-    /// Remembers whose product `a` is. Returns false when nothing could be keyed.
-    pub fn insert(&mut self, a: &Announcement, source: &str) -> bool {
+    fn keys(pub_time: Option<Stamp>, rel_path: &str, identity: Option<&Identity>) -> Vec<Key> {
         let mut keys = Vec::with_capacity(2);
-        if let Some(t) = a.pub_time {
-            keys.push(Key::Time(t, file_name(&a.rel_path).to_owned()));
+        if let Some(t) = pub_time {
+            keys.push(Key::Time(t, file_name(rel_path).to_owned()));
         }
-        if let Some(id) = &a.identity {
-            // A checksum of nothing identifies nothing.
-            if id.value.len() >= 8 {
-                keys.push(Key::Identity(format!("{},{}", id.method, id.value)));
-            }
+        // A checksum of nothing identifies nothing.
+        if let Some(id) = identity.filter(|id| id.value.len() >= 8) {
+            keys.push(Key::Identity(format!("{},{}", id.method, id.value)));
         }
-        let any = !keys.is_empty();
+        keys
+    }
+
+    /// Remembers that `source` (the account that posted `a`) announced it.
+    pub fn insert(&mut self, a: &Announcement, source: &str) -> Indexed {
+        let keys = Self::keys(a.pub_time, &a.rel_path, a.identity.as_ref());
+        if keys.is_empty() {
+            return Indexed::Unkeyed;
+        }
+        let mut outcome = Indexed::Yes;
         for k in keys {
-            if self.map.insert(k.clone(), source.to_owned()).is_none() {
-                self.order.push_back(k);
+            match self.map.get_mut(&k) {
+                Some(Some(known)) if known == source => {}
+                Some(slot) => {
+                    *slot = None;
+                    outcome = Indexed::Ambiguous;
+                }
+                None => {
+                    self.map.insert(k.clone(), Some(source.to_owned()));
+                    self.order.push_back(k);
+                }
             }
         }
         while self.map.len() > self.capacity {
@@ -205,21 +244,23 @@ impl AnnouncementIndex {
                 None => break,
             }
         }
-        any
+        outcome
     }
 
+    /// The source whose announcement `r` answers, when its keys agree on one.
     pub fn lookup(&self, r: &Report) -> Option<&str> {
-        if let Some(t) = r.pub_time
-            && let Some(s) = self
-                .map
-                .get(&Key::Time(t, file_name(&r.rel_path).to_owned()))
-        {
-            return Some(s);
+        let mut found: Option<&str> = None;
+        for k in Self::keys(r.pub_time, &r.rel_path, r.identity.as_ref()) {
+            match self.map.get(&k) {
+                None => {}
+                Some(None) => return None,
+                Some(Some(s)) => match found {
+                    Some(f) if f != s => return None,
+                    _ => found = Some(s),
+                },
+            }
         }
-        let id = r.identity.as_ref()?;
-        self.map
-            .get(&Key::Identity(format!("{},{}", id.method, id.value)))
-            .map(String::as_str)
+        found
     }
 }
 
@@ -266,6 +307,7 @@ mod tests {
         Accounts {
             sources: ["radar".to_owned(), "sat".to_owned()].into(),
             others: ["cfs".to_owned(), "edu".to_owned()].into(),
+            clusters: Default::default(),
         }
     }
 
@@ -314,7 +356,7 @@ mod tests {
             identity: None,
             size_bytes: None,
         };
-        assert!(idx.insert(&ann, "sat"));
+        assert_eq!(idx.insert(&ann, "sat"), Indexed::Yes);
         assert_eq!(a.decide_source(&r, Some(&idx)).as_deref(), Some("sat"));
         assert_eq!(
             a.decide_source(&rep(None, Some("radar"), "", "x"), None)
@@ -395,5 +437,65 @@ mod tests {
         r.rel_path = "x/f0".into();
         r.pub_time = Stamp::from_unix(0, 0);
         assert_eq!(idx.lookup(&r), None);
+    }
+
+    fn announcement(time: &str, rel: &str, id: Option<&str>) -> Announcement {
+        Announcement {
+            format: Format::V03,
+            topic: String::new(),
+            pub_time: Stamp::parse(time),
+            base_url: "http://h".into(),
+            rel_path: rel.into(),
+            source: None,
+            identity: id.map(|v| Identity {
+                method: "sha512".into(),
+                value: v.into(),
+            }),
+            size_bytes: None,
+        }
+    }
+
+    #[test]
+    fn a_key_claimed_by_two_sources_attributes_nothing() {
+        let mut idx = AnnouncementIndex::new(100);
+        let a = announcement(
+            "20240101T000000.5",
+            "20240101/radar/f.h5",
+            Some("abcdefgh12"),
+        );
+        assert_eq!(idx.insert(&a, "radar"), Indexed::Yes);
+        // The same announcement again, by the same source: still fine.
+        assert_eq!(idx.insert(&a, "radar"), Indexed::Yes);
+        let r = rep(None, Some("cfs"), "xs_cfs", "/local/f.h5");
+        assert_eq!(idx.lookup(&r), Some("radar"));
+        // Another source claims the same pubTime and file name.
+        let b = announcement("20240101T000000.5", "elsewhere/f.h5", None);
+        assert_eq!(idx.insert(&b, "sat"), Indexed::Ambiguous);
+        assert_eq!(idx.lookup(&r), None);
+        // Only the identity is claimed by another source: ambiguous too.
+        let mut idx = AnnouncementIndex::new(100);
+        idx.insert(&a, "radar");
+        let c = announcement("20250101T000000", "x/other.h5", Some("abcdefgh12"));
+        assert_eq!(idx.insert(&c, "sat"), Indexed::Ambiguous);
+        assert_eq!(idx.lookup(&r), None);
+    }
+
+    #[test]
+    fn keys_that_disagree_attribute_nothing() {
+        let mut idx = AnnouncementIndex::new(100);
+        idx.insert(&announcement("20240101T000000.5", "d/f.h5", None), "radar");
+        idx.insert(
+            &announcement("20250101T000000", "d/g.h5", Some("abcdefgh12")),
+            "sat",
+        );
+        // pubTime + name point at radar, the identity at sat.
+        assert_eq!(idx.lookup(&rep(None, None, "", "x/f.h5")), None);
+        let mut only_time = rep(None, None, "", "x/f.h5");
+        only_time.identity = None;
+        assert_eq!(idx.lookup(&only_time), Some("radar"));
+        assert_eq!(
+            idx.insert(&announcement("", "d/h", None), "radar"),
+            Indexed::Unkeyed
+        );
     }
 }

@@ -371,7 +371,8 @@ impl Client {
     /// Republishes `delivery` (its body and properties exactly as received, header value
     /// kinds included) to `exchange` with `routing_key`, adding or replacing
     /// `extra_headers`. The same rules as [`publish_raw`](Self::publish_raw) apply to
-    /// `delivery_mode` and `user_id`. This is what a router uses.
+    /// `delivery_mode` and `user_id`; the sender's own `CC`/`BCC` headers are dropped
+    /// (only `extra_headers` may route it further). This is what a router uses.
     pub async fn forward(
         &self,
         exchange: &str,
@@ -382,6 +383,24 @@ impl Client {
         let raw = delivery.raw_props();
         let keep_user = raw.user_id().as_ref().map(|u| u.as_str()) == Some(self.username());
         self.send(exchange, routing_key, &delivery.body, || {
+            forward_props(raw, keep_user, extra_headers)
+        })
+        .await
+    }
+
+    /// [`forward`](Self::forward) with another body (e.g. the first bytes of an oversized
+    /// message kept as evidence).
+    pub async fn forward_body(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        delivery: &Delivery,
+        body: &[u8],
+        extra_headers: &Headers,
+    ) -> Result<PendingConfirm, AmqpError> {
+        let raw = delivery.raw_props();
+        let keep_user = raw.user_id().as_ref().map(|u| u.as_str()) == Some(self.username());
+        self.send(exchange, routing_key, body, || {
             forward_props(raw, keep_user, extra_headers)
         })
         .await
@@ -523,11 +542,20 @@ fn forward_props(raw: &BasicProperties, keep_user: bool, extra: &Headers) -> Bas
         copy!(user_id, with_user_id);
     }
     if !extra.is_empty() || raw.headers().is_some() {
-        let mut table = raw.headers().clone().unwrap_or_default();
-        for (k, v) in &extra.0 {
-            table.insert(short_lossy(k), to_amqp_value(v));
+        let mut map = raw
+            .headers()
+            .as_ref()
+            .map(|t| t.inner().clone())
+            .unwrap_or_default();
+        // The sender's own routing instructions (sender-selected distribution) are never
+        // passed on: the broker would act on them for whoever forwards the message.
+        for k in crate::broker::names::ROUTING_HEADERS {
+            map.remove(k);
         }
-        p = p.with_headers(table);
+        for (k, v) in &extra.0 {
+            map.insert(short_lossy(k), to_amqp_value(v));
+        }
+        p = p.with_headers(lapin::types::FieldTable::from(map));
     }
     p
 }

@@ -163,6 +163,23 @@ impl Consumer {
         }
     }
 
+    /// Caps the deliveries the broker may have outstanding on this subscription's channel
+    /// at `n` (channel-wide `basic.qos`, which RabbitMQ applies at once, unlike the
+    /// per-consumer prefetch given at subscribe time), until called again. A consumer
+    /// uses it to hold fewer bytes when messages turn out large. Lost with the
+    /// connection: a new subscription starts with the subscribe-time prefetch only.
+    pub async fn limit(&self, n: u16) -> Result<(), AmqpError> {
+        match &self.sub {
+            Some(sub) if sub.chan.channel.status().connected() => sub
+                .chan
+                .channel
+                .basic_qos(n.max(1), BasicQosOptions { global: true })
+                .await
+                .map_err(|e| from_lapin(&e, "limiting the prefetch")),
+            _ => Ok(()),
+        }
+    }
+
     /// Stops the subscription: the broker sends no more; `next` yields what was already
     /// received, then `None`. Deliveries held can still be acked (shutdown: cancel,
     /// drain, finish, ack, exit).

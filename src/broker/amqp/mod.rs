@@ -35,4 +35,6 @@ pub use client::{CONNECT_TIMEOUT, Client, ConnectOptions, PendingConfirm, RECONN
 pub use consumer::{Consumer, Delivery};
 pub use convert::{MAX_SHORT, MessageProps, truncate_short};
 pub use error::AmqpError;
-pub use topology::{BindingDecl, ExchangeDecl, ExchangeKind, QueueDecl, Topology};
+pub use topology::{
+    BindingDecl, ExchangeBindingDecl, ExchangeDecl, ExchangeKind, QueueDecl, Topology,
+};

@@ -5,7 +5,9 @@
 //! (exclusive queues vanish with their connection; a restarted broker may have lost
 //! transient ones), so declarations must outlive the connection they were made on.
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 
 use super::convert::{short_lossy, short_name, to_field_table};
@@ -105,17 +107,30 @@ impl BindingDecl {
     }
 }
 
+/// An exchange-to-exchange binding: what `source` routes with `routing_key` (or a `BCC`
+/// key) is delivered to `destination` too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExchangeBindingDecl {
+    pub source: String,
+    pub destination: String,
+    pub routing_key: String,
+}
+
 /// Declarations, applied in order: exchanges, then queues, then bindings.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Topology {
     pub exchanges: Vec<ExchangeDecl>,
     pub queues: Vec<QueueDecl>,
     pub bindings: Vec<BindingDecl>,
+    pub exchange_bindings: Vec<ExchangeBindingDecl>,
 }
 
 impl Topology {
     pub fn is_empty(&self) -> bool {
-        self.exchanges.is_empty() && self.queues.is_empty() && self.bindings.is_empty()
+        self.exchanges.is_empty()
+            && self.queues.is_empty()
+            && self.bindings.is_empty()
+            && self.exchange_bindings.is_empty()
     }
 
     /// Adds `other`: a declaration of an already known exchange or queue replaces it,
@@ -130,6 +145,7 @@ impl Topology {
                 routing_key: routing_key.to_owned(),
             }],
             queues: vec![queue],
+            exchange_bindings: vec![],
         }
     }
 
@@ -151,6 +167,11 @@ impl Topology {
                 self.bindings.push(b.clone());
             }
         }
+        for b in &other.exchange_bindings {
+            if !self.exchange_bindings.contains(b) {
+                self.exchange_bindings.push(b.clone());
+            }
+        }
     }
 
     /// Checks what the broker would refuse in a way that could not be retried.
@@ -170,6 +191,10 @@ impl Topology {
         for b in &self.bindings {
             short_name(&b.queue, "queue")?;
             short_name(&b.exchange, "exchange")?;
+        }
+        for b in &self.exchange_bindings {
+            short_name(&b.source, "exchange")?;
+            short_name(&b.destination, "exchange")?;
         }
         Ok(())
     }
@@ -246,6 +271,25 @@ async fn declare_all(ch: &lapin::Channel, t: &Topology) -> Result<(), AmqpError>
             )
         })?;
     }
+    for b in &t.exchange_bindings {
+        ch.exchange_bind(
+            short_name(&b.destination, "exchange")?,
+            short_name(&b.source, "exchange")?,
+            short_lossy(&b.routing_key),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| {
+            from_lapin(
+                &e,
+                &format!(
+                    "binding exchange '{}' to '{}' with '{}'",
+                    b.destination, b.source, b.routing_key
+                ),
+            )
+        })?;
+    }
     Ok(())
 }
 
@@ -259,6 +303,7 @@ mod tests {
             exchanges: vec![ExchangeDecl::topic("x")],
             queues: vec![QueueDecl::durable("q")],
             bindings: vec![BindingDecl::new("q", "x", "#")],
+            exchange_bindings: vec![],
         };
         let mut q2 = QueueDecl::durable("q");
         q2.durable = false;
@@ -269,6 +314,7 @@ mod tests {
                 BindingDecl::new("q", "x", "#"),
                 BindingDecl::new("q", "y", "#"),
             ],
+            exchange_bindings: vec![],
         });
         assert_eq!(t.exchanges.len(), 2);
         assert_eq!(t.queues, vec![q2]);

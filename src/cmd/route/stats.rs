@@ -1,27 +1,12 @@
 //! Route's counters per stage and outcome: logged every minute and read by `/metrics`.
 //! Labels come from small fixed sets (stage, outcome, reason), never from names.
 
-use super::decide::{Consumed, ForwardKind, Reason};
+use super::decide::{Consumed, Reason};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Stage {
-    Validate,
-    Dispatch,
-}
-
-impl Stage {
-    pub fn label(self) -> &'static str {
-        match self {
-            Stage::Validate => "validate",
-            Stage::Dispatch => "dispatch",
-        }
-    }
-}
-
-/// (stage, outcome, reason) → count.
-pub type Snapshot = BTreeMap<(&'static str, &'static str, &'static str), u64>;
+/// (outcome, reason) → count.
+pub type Snapshot = BTreeMap<(&'static str, &'static str), u64>;
 
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -29,78 +14,82 @@ pub struct Counters {
 }
 
 impl Counters {
-    fn add(&self, stage: Stage, outcome: &'static str, reason: &'static str) {
+    fn add(&self, outcome: &'static str, reason: &'static str) {
         let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        *m.entry((stage.label(), outcome, reason)).or_default() += 1;
+        *m.entry((outcome, reason)).or_default() += 1;
     }
 
-    pub fn forwarded(&self, stage: Stage, kind: ForwardKind) {
-        let outcome = match kind {
-            ForwardKind::Validated => "validated",
-            ForwardKind::ToSource => "routed",
-            ForwardKind::ToPump => "forwarded",
-        };
-        self.add(stage, outcome, "");
+    /// Published to `xreport` and, through it, to the product's source.
+    pub fn routed(&self) {
+        self.add("routed", "");
     }
 
-    pub fn rejected(&self, stage: Stage, reason: Reason) {
-        self.add(stage, "rejected", reason.label());
+    /// Published to `xreport` and, through it, towards another pump.
+    pub fn forwarded(&self) {
+        self.add("forwarded", "");
     }
 
-    pub fn consumed(&self, stage: Stage, c: Consumed) {
+    /// Published to `xreport` and `xrejected`: nobody's source could be found.
+    pub fn unrouted(&self) {
+        self.add("unrouted", Reason::UnknownSource.label());
+    }
+
+    pub fn rejected(&self, reason: Reason) {
+        self.add("rejected", reason.label());
+    }
+
+    pub fn consumed(&self, c: Consumed) {
         let outcome = match c {
             Consumed::AnnouncementIndexed => "announcement_indexed",
+            Consumed::AnnouncementAmbiguous => "announcement_ambiguous",
             Consumed::AnnouncementUnkeyed => "announcement_unkeyed",
-            Consumed::Control => "control_ignored",
+            Consumed::AnnouncementIgnored => "announcement_ignored",
         };
-        self.add(stage, outcome, "");
+        self.add(outcome, "");
     }
 
-    /// Routed to a source exchange that nothing is bound to.
-    pub fn unheard(&self, stage: Stage) {
-        self.add(stage, "unheard", "");
+    /// Published, but no queue at all was bound for it (not even on `xreport`).
+    pub fn unheard(&self) {
+        self.add("unheard", "");
     }
 
-    pub fn retried(&self, stage: Stage) {
-        self.add(stage, "retried", "");
+    pub fn retried(&self) {
+        self.add("retried", "");
     }
 
     pub fn snapshot(&self) -> Snapshot {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    pub fn get(&self, stage: &str, outcome: &str) -> u64 {
+    /// The count of `outcome`, all reasons together.
+    pub fn get(&self, outcome: &str) -> u64 {
         self.snapshot()
             .iter()
-            .filter(|((s, o, _), _)| *s == stage && *o == outcome)
+            .filter(|((o, _), _)| *o == outcome)
             .map(|(_, n)| n)
             .sum()
     }
 
-    /// `validate: validated 10, rejected (spoofed) 2; dispatch: routed 10`
+    /// `routed 10, rejected (spoofed) 2, announcement_indexed 3`
     pub fn summary(&self) -> String {
         let snap = self.snapshot();
         if snap.is_empty() {
             return "nothing yet".into();
         }
-        let mut parts: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-        for ((stage, outcome, reason), n) in snap {
-            let what = if reason.is_empty() {
-                outcome.to_owned()
-            } else {
-                format!("{outcome} ({reason})")
-            };
-            parts.entry(stage).or_default().push(format!("{what} {n}"));
-        }
-        parts
-            .into_iter()
-            .map(|(s, v)| format!("{s}: {}", v.join(", ")))
+        snap.into_iter()
+            .map(|((outcome, reason), n)| {
+                if reason.is_empty() {
+                    format!("{outcome} {n}")
+                } else {
+                    format!("{outcome} ({reason}) {n}")
+                }
+            })
             .collect::<Vec<_>>()
-            .join("; ")
+            .join(", ")
     }
 }
 
-/// `pumpwatch_route_messages_total{stage, outcome, reason}` for a Prometheus registry with
+/// `pumpwatch_route_messages_total{outcome, reason}` for a Prometheus registry with
 /// the `pumpwatch` prefix (route's own `--listen`, or `serve` when run in one process).
 impl prometheus_client::collector::Collector for Counters {
     fn encode(
@@ -111,12 +100,12 @@ impl prometheus_client::collector::Collector for Counters {
         use prometheus_client::metrics::{MetricType, counter::ConstCounter};
         let mut m = enc.encode_descriptor(
             "route_messages",
-            "Messages handled by route, by stage, outcome and reject reason.",
+            "Messages handled by route, by outcome and reject reason.",
             None,
             MetricType::Counter,
         )?;
-        for ((stage, outcome, reason), n) in self.snapshot() {
-            let labels = [("stage", stage), ("outcome", outcome), ("reason", reason)];
+        for ((outcome, reason), n) in self.snapshot() {
+            let labels = [("outcome", outcome), ("reason", reason)];
             ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
         }
         Ok(())
@@ -151,24 +140,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn metrics_name_stage_outcome_and_reason() {
+    fn metrics_name_outcome_and_reason() {
         let c = std::sync::Arc::new(Counters::default());
-        c.forwarded(Stage::Validate, ForwardKind::Validated);
-        c.forwarded(Stage::Validate, ForwardKind::Validated);
-        c.rejected(Stage::Validate, Reason::Spoofed);
-        c.forwarded(Stage::Dispatch, ForwardKind::ToSource);
+        c.routed();
+        c.routed();
+        c.rejected(Reason::Spoofed);
+        c.unrouted();
+        c.consumed(Consumed::AnnouncementAmbiguous);
         let text = exposition(&c);
         for want in [
             "# TYPE pumpwatch_route_messages_total counter",
-            r#"pumpwatch_route_messages_total{stage="validate",outcome="validated",reason=""} 2"#,
-            r#"pumpwatch_route_messages_total{stage="validate",outcome="rejected",reason="spoofed"} 1"#,
-            r#"pumpwatch_route_messages_total{stage="dispatch",outcome="routed",reason=""} 1"#,
+            r#"pumpwatch_route_messages_total{outcome="routed",reason=""} 2"#,
+            r#"pumpwatch_route_messages_total{outcome="rejected",reason="spoofed"} 1"#,
+            r#"pumpwatch_route_messages_total{outcome="unrouted",reason="unknown source"} 1"#,
+            r#"pumpwatch_route_messages_total{outcome="announcement_ambiguous",reason=""} 1"#,
         ] {
             assert!(text.contains(want), "{want} in\n{text}");
         }
         assert_eq!(
             c.summary(),
-            "dispatch: routed 1; validate: rejected (spoofed) 1, validated 2"
+            "announcement_ambiguous 1, rejected (spoofed) 1, routed 2, unrouted (unknown source) 1"
         );
+        assert_eq!(c.get("routed"), 2);
     }
 }

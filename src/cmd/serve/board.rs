@@ -737,7 +737,7 @@ impl Board {
                             clients
                                 .insert(u.name.clone(), Entity::new(Kind::Client, &u.name, true));
                         }
-                        Role::Feeder | Role::Admin => {}
+                        Role::Feeder | Role::Admin | Role::Cluster => {}
                     }
                 }
             }

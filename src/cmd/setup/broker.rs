@@ -79,7 +79,7 @@ pub async fn fetch(
         .list_bindings(vhost)
         .await?
         .into_iter()
-        .filter(|b| b.destination_type == "queue" && !b.source.is_empty())
+        .filter(|b| !b.source.is_empty())
         .collect();
     Ok(actual)
 }
@@ -130,8 +130,30 @@ pub async fn password_matches(
     }
 }
 
+/// What applying one change found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    Done,
+    /// The broker would not do it, for a reason the operator must act on (the text).
+    Problem(String),
+}
+
 /// Applies one change to `vhost`. A [`Change::Problem`] does nothing.
-pub async fn apply(mgmt: &MgmtClient, vhost: &str, change: &Change) -> Result<(), MgmtError> {
+pub async fn apply(mgmt: &MgmtClient, vhost: &str, change: &Change) -> Result<Applied, MgmtError> {
+    if let Change::DeleteQueueIfEmpty(name) = change {
+        return Ok(if mgmt.delete_queue_if_empty(vhost, name).await? {
+            Applied::Done
+        } else {
+            Applied::Problem(format!(
+                "queue {name} of the two-stage route of earlier versions still holds reports: \
+                 let them drain (run the earlier route once more) or delete it, then run setup again"
+            ))
+        });
+    }
+    apply_one(mgmt, vhost, change).await.map(|()| Applied::Done)
+}
+
+async fn apply_one(mgmt: &MgmtClient, vhost: &str, change: &Change) -> Result<(), MgmtError> {
     match change {
         Change::CreateVhost(name) => mgmt.create_vhost(name).await,
         Change::CreateUser {
@@ -165,6 +187,11 @@ pub async fn apply(mgmt: &MgmtClient, vhost: &str, change: &Change) -> Result<()
             mgmt.declare_queue(vhost, name, &spec).await
         }
         Change::Bind(b) => mgmt.bind_queue(vhost, &b.exchange, &b.queue, &b.key).await,
+        Change::BindExchange(b) => {
+            mgmt.bind_exchange(vhost, &b.source, &b.destination, &b.key)
+                .await
+        }
+        Change::DeleteQueueIfEmpty(_) => Ok(()),
         Change::Unbind(b) => mgmt.delete_binding(vhost, b).await,
         Change::DeleteQueue(name) => mgmt.delete_queue(vhost, name).await,
         Change::DeleteExchange(name) => mgmt.delete_exchange(vhost, name).await,

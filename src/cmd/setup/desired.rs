@@ -99,6 +99,13 @@ pub fn permissions(role: Role, user: &str, public: &str) -> Perms {
             read,
         },
         Role::Feeder | Role::Admin => Perms::all(),
+        // A neighbour pump's shovel: it writes forwarded reports to its own xs_ and can
+        // neither read nor declare anything.
+        Role::Cluster => Perms {
+            configure: "^$".into(),
+            write: format!("^{xs}$"),
+            read: "^$".into(),
+        },
     }
 }
 
@@ -108,7 +115,7 @@ pub fn permissions(role: Role, user: &str, public: &str) -> Perms {
 /// HTTP). Admins: `administrator` (SPEC §3).
 pub fn tags(role: Role) -> Vec<String> {
     match role {
-        Role::Source | Role::Subscriber => vec![],
+        Role::Source | Role::Subscriber | Role::Cluster => vec![],
         Role::Feeder => vec!["monitoring".into()],
         Role::Admin => vec!["administrator".into()],
     }
@@ -135,6 +142,14 @@ pub struct Binding {
     pub key: String,
 }
 
+/// An exchange-to-exchange binding (`xreport → xr_<source>` with `pumpwatch.source.<source>`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ExchangeBinding {
+    pub source: String,
+    pub destination: String,
+    pub key: String,
+}
+
 /// A durable queue with its `x-` arguments.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DesiredQueue {
@@ -150,17 +165,15 @@ pub struct Desired {
     pub users: BTreeMap<String, DesiredUser>,
     /// Durable topic exchanges.
     pub exchanges: BTreeSet<String>,
-    /// Exchanges not declared here but never pruned either (`xforward_<neighbour>`,
-    /// which the shovel work of §4.8 will declare).
-    pub keep_exchanges: BTreeSet<String>,
     pub queues: BTreeMap<String, DesiredQueue>,
     pub bindings: BTreeSet<Binding>,
+    /// The fan-out of `xreport` (SPEC §3): the broker delivers each routed report.
+    pub exchange_bindings: BTreeSet<ExchangeBinding>,
+    /// Queues of earlier versions, removed once they are empty (never with messages).
+    pub legacy_queues: Vec<String>,
     /// Never deleted by `--prune`: `guest`, the user running setup, the broker URL's user.
     pub protected_users: BTreeSet<String>,
     pub prune: bool,
-    // §4.8 (next issue): per neighbour, the `xforward_<cluster>` exchange, its durable
-    // queue and the dynamic shovel to the neighbour's report exchange go here, with a
-    // matching `Change` kind in `plan`.
 }
 
 /// Everything [`Desired::build`] reads.
@@ -211,21 +224,19 @@ impl Desired {
         .collect();
         exchanges.extend(config.users.keys().map(|u| names::user_exchange(u)));
         exchanges.extend(config.sources().map(|u| names::source_exchange(&u.name)));
-        let keep_exchanges = config
-            .neighbours
-            .keys()
-            .map(|n| names::forward_exchange(n))
-            .collect();
+        exchanges.extend(names::next_hops(&config).map(names::forward_exchange));
 
         let feeder = names::feeder(&config, &inputs.broker_user);
         let mut shapes = vec![
-            names::validate_queue(&config, &feeder),
-            names::dispatch_queue(&config, &feeder),
+            names::route_queue(&config, &feeder),
             names::rejected_queue(&config, &feeder),
         ];
         if config.archive.is_some() {
             shapes.push(names::archive_queue(&config, &feeder));
         }
+        shapes.extend(
+            names::next_hops(&config).map(|hop| names::forward_queue(&config, &feeder, hop)),
+        );
         shapes.extend(
             config
                 .sources()
@@ -253,6 +264,15 @@ impl Desired {
             queues.insert(name.clone(), DesiredQueue { name, arguments });
         }
 
+        let exchange_bindings = names::report_bindings(&config)
+            .into_iter()
+            .map(|(source, destination, key)| ExchangeBinding {
+                source,
+                destination,
+                key,
+            })
+            .collect();
+
         let protected_users = ["guest", &inputs.running_user, &inputs.broker_user]
             .into_iter()
             .map(str::to_owned)
@@ -262,9 +282,10 @@ impl Desired {
             cluster: config.cluster.clone(),
             users,
             exchanges,
-            keep_exchanges,
             queues,
             bindings,
+            exchange_bindings,
+            legacy_queues: vec![names::legacy_dispatch_queue(&feeder)],
             protected_users,
             prune: inputs.prune,
         }
@@ -451,6 +472,7 @@ mod tests {
         assert_eq!(
             exchanges,
             [
+                "xforward_west",
                 "xpublic",
                 "xr_radar",
                 "xr_sat",
@@ -463,12 +485,11 @@ mod tests {
                 "xs_sat"
             ]
         );
-        assert!(d.keep_exchanges.contains("xforward_west"));
         let queues: Vec<&str> = d.queues.keys().map(String::as_str).collect();
         assert_eq!(
             queues,
             [
-                "q_feed.route.dispatch",
+                "q_feed.forward.west",
                 "q_feed.route.rejected",
                 "q_feed.route.validate",
                 "q_radar.reports"
@@ -488,6 +509,23 @@ mod tests {
             queue: "q_feed.route.validate".into(),
             key: "#".into()
         }));
+
+        // The broker fans routed reports out of xreport.
+        let fan_out: Vec<(&str, &str, &str)> = d
+            .exchange_bindings
+            .iter()
+            .map(|b| (b.source.as_str(), b.destination.as_str(), b.key.as_str()))
+            .collect();
+        assert_eq!(
+            fan_out,
+            [
+                ("xreport", "xforward_west", "pumpwatch.forward.west"),
+                ("xreport", "xr_radar", "pumpwatch.source.radar"),
+                ("xreport", "xr_sat", "pumpwatch.source.sat"),
+                ("xreport", "xrejected", "pumpwatch.unrouted"),
+            ]
+        );
+        assert_eq!(d.legacy_queues, ["q_feed.route.dispatch"]);
 
         assert_eq!(d.users["radar"].password, Some(Secret::new("r")));
         assert_eq!(d.users["boss"].tags, ["administrator"]);

@@ -246,12 +246,17 @@ pub async fn apply(cfg: &Config, out: &mut dyn Write) -> Result<Summary, SetupEr
         if cfg.dry_run {
             writeln!(out, "would {}", shown(change))?;
         } else {
-            broker::apply(mgmt, &vhost, change)
+            let done = broker::apply(mgmt, &vhost, change)
                 .await
                 .map_err(|source| SetupError::Apply {
                     change: shown(change),
                     source,
                 })?;
+            if let broker::Applied::Problem(text) = done {
+                problems += 1;
+                writeln!(out, "! {}", crate::core::text::escape(&text))?;
+                continue;
+            }
             writeln!(out, "{}", shown(change))?;
         }
         applied += 1;

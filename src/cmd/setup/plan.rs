@@ -13,7 +13,7 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
-use super::desired::{Binding, Desired, Perms, Secret};
+use super::desired::{Binding, Desired, ExchangeBinding, Perms, Secret};
 use crate::broker::mgmt::BindingInfo;
 use crate::broker::names::Arg;
 use crate::config::Role;
@@ -55,7 +55,7 @@ pub struct Actual {
     pub users_elsewhere: BTreeSet<String>,
     pub exchanges: BTreeMap<String, ActualExchange>,
     pub queues: BTreeMap<String, ActualQueue>,
-    /// Queue bindings (not those of the default exchange).
+    /// Queue and exchange bindings (not those of the default exchange).
     pub bindings: Vec<BindingInfo>,
 }
 
@@ -88,8 +88,11 @@ pub enum Change {
         arguments: Vec<(String, Arg)>,
     },
     Bind(Binding),
+    BindExchange(ExchangeBinding),
     Unbind(BindingInfo),
     DeleteQueue(String),
+    /// A queue of an earlier version: deleted only if the broker finds it empty.
+    DeleteQueueIfEmpty(String),
     DeleteExchange(String),
     DeleteUser(String),
     /// Something `setup` cannot or must not fix by itself; the text says what to do.
@@ -153,12 +156,18 @@ impl fmt::Display for Change {
                 Ok(())
             }
             Change::Bind(b) => write!(f, "+ binding {} -> {} ({})", b.exchange, b.queue, b.key),
+            Change::BindExchange(b) => write!(
+                f,
+                "+ binding {} -> exchange {} ({})",
+                b.source, b.destination, b.key
+            ),
             Change::Unbind(b) => write!(
                 f,
                 "- binding {} -> {} ({})",
                 b.source, b.destination, b.routing_key
             ),
             Change::DeleteQueue(name) => write!(f, "- queue {name}"),
+            Change::DeleteQueueIfEmpty(name) => write!(f, "- queue {name} (no longer used)"),
             Change::DeleteExchange(name) => write!(f, "- exchange {name}"),
             Change::DeleteUser(name) => write!(f, "- user {name}"),
             Change::Problem(text) => write!(f, "! {text}"),
@@ -385,6 +394,21 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Vec<Change> {
             out.push(Change::Bind(b.clone()));
         }
     }
+    let have_exchange_bindings: BTreeSet<ExchangeBinding> = actual
+        .bindings
+        .iter()
+        .filter_map(exchange_binding)
+        .collect();
+    for b in &desired.exchange_bindings {
+        if !have_exchange_bindings.contains(b) {
+            out.push(Change::BindExchange(b.clone()));
+        }
+    }
+    for name in &desired.legacy_queues {
+        if actual.queues.contains_key(name) {
+            out.push(Change::DeleteQueueIfEmpty(name.clone()));
+        }
+    }
 
     if desired.prune {
         prune(desired, actual, &mut out);
@@ -392,8 +416,27 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Vec<Change> {
     out
 }
 
+fn exchange_binding(b: &BindingInfo) -> Option<ExchangeBinding> {
+    (b.destination_type == "exchange").then(|| ExchangeBinding {
+        source: b.source.clone(),
+        destination: b.destination.clone(),
+        key: b.routing_key.clone(),
+    })
+}
+
 /// `--prune`: what is no longer declared, and only what is clearly this pump's.
 fn prune(desired: &Desired, actual: &Actual, out: &mut Vec<Change>) {
+    // Fan-out bindings of sources or neighbours that are gone (the `pumpwatch.` keys
+    // are ours alone: route refuses reports under them).
+    for b in &actual.bindings {
+        if let Some(eb) = exchange_binding(b)
+            && desired.exchanges.contains(&eb.source)
+            && crate::broker::names::is_reserved_topic(&eb.key)
+            && !desired.exchange_bindings.contains(&eb)
+        {
+            out.push(Change::Unbind(b.clone()));
+        }
+    }
     // Bindings of our own queues to what they should no longer read.
     for b in &actual.bindings {
         let binding = Binding {
@@ -415,10 +458,7 @@ fn prune(desired: &Desired, actual: &Actual, out: &mut Vec<Change>) {
         }
     }
     for name in actual.exchanges.keys() {
-        if name.starts_with('x')
-            && !desired.exchanges.contains(name)
-            && !desired.keep_exchanges.contains(name)
-        {
+        if name.starts_with('x') && !desired.exchanges.contains(name) {
             out.push(Change::DeleteExchange(name.clone()));
         }
     }
@@ -543,6 +583,12 @@ mod tests {
         for b in &d.bindings {
             a.bindings.push(binding(&b.exchange, &b.queue, &b.key));
         }
+        for b in &d.exchange_bindings {
+            a.bindings.push(BindingInfo {
+                destination_type: "exchange".into(),
+                ..binding(&b.source, &b.destination, &b.key)
+            });
+        }
         a
     }
 
@@ -572,17 +618,17 @@ mod tests {
             "+ exchange xs_cfs",
             "+ exchange xs_feed",
             "+ exchange xs_radar",
-            "+ queue q_feed.route.dispatch",
             "+ queue q_feed.route.rejected (max 100000)",
             "+ queue q_feed.route.validate",
             "+ queue q_radar.reports (max 1000)",
             "+ binding xpublic -> q_feed.route.validate (#)",
             "+ binding xr_radar -> q_radar.reports (#)",
             "+ binding xrejected -> q_feed.route.rejected (#)",
-            "+ binding xreport -> q_feed.route.dispatch (#)",
             "+ binding xs_cfs -> q_feed.route.validate (#)",
             "+ binding xs_feed -> q_feed.route.validate (#)",
             "+ binding xs_radar -> q_feed.route.validate (#)",
+            "+ binding xreport -> exchange xr_radar (pumpwatch.source.radar)",
+            "+ binding xreport -> exchange xrejected (pumpwatch.unrouted)",
         ];
         assert_eq!(got, want);
     }
@@ -713,16 +759,16 @@ mod tests {
             (
                 |a| {
                     a.queues
-                        .get_mut("q_feed.route.dispatch")
+                        .get_mut("q_feed.route.validate")
                         .unwrap()
                         .arguments
                         .insert("x-queue-type".into(), json!("quorum"));
                 },
-                "! queue q_feed.route.dispatch has x-queue-type quorum, wanted none: delete it to change",
+                "! queue q_feed.route.validate has x-queue-type quorum, wanted none: delete it to change",
             ),
             (
-                |a| a.queues.get_mut("q_feed.route.dispatch").unwrap().durable = false,
-                "! queue q_feed.route.dispatch is not durable: delete it to change",
+                |a| a.queues.get_mut("q_feed.route.validate").unwrap().durable = false,
+                "! queue q_feed.route.validate is not durable: delete it to change",
             ),
             (
                 |a| a.exchanges.get_mut("xreport").unwrap().kind = "fanout".into(),
@@ -750,6 +796,19 @@ mod tests {
             .arguments
             .insert("x-max-length".into(), json!(1000.0));
         assert!(plan(&d, &a).is_empty());
+        // The second queue of the two-stage route goes, once the broker finds it empty.
+        let mut a = matching(&d);
+        a.queues.insert(
+            "q_feed.route.dispatch".into(),
+            ActualQueue {
+                durable: true,
+                arguments: Map::new(),
+            },
+        );
+        assert_eq!(
+            lines(&plan(&d, &a)),
+            ["- queue q_feed.route.dispatch (no longer used)"]
+        );
     }
 
     #[test]
