@@ -16,10 +16,12 @@ fn main() -> ExitCode {
     };
     let check = matches!(cli.command, pumpwatch::cmd::Command::Check(_));
     init_tracing(cli.verbose + u8::from(cli.command.is_daemon()));
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = if std::env::var("PUMPWATCH_RT").as_deref() == Ok("current") {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             return fail(&Error::Failed(format!(
