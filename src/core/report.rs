@@ -174,12 +174,8 @@ pub fn parse(msg: &Incoming<'_>) -> Result<Message, ParseError> {
 
 /// Parses a message, refusing bodies over `max_body` bytes.
 pub fn parse_limited(msg: &Incoming<'_>, max_body: usize) -> Result<Message, ParseError> {
-    if msg.body.len() > max_body {
-        return Err(ParseError::TooLarge {
-            size: msg.body.len(),
-            max: max_body,
-        });
-    }
+    // Recognised by the topic before the size: a watchdog failure notice lists up to
+    // 10 000 transfers (megabytes), and is pumpwatch's own message, not a report too large.
     if let Some(rest) = msg.routing_key.strip_prefix("v01.") {
         if rest.starts_with("speedo.") {
             return Ok(Message::Control(Control::Speedo));
@@ -187,6 +183,12 @@ pub fn parse_limited(msg: &Incoming<'_>, max_body: usize) -> Result<Message, Par
         if rest.starts_with("watchdog.") {
             return Ok(Message::Control(Control::Watchdog));
         }
+    }
+    if msg.body.len() > max_body {
+        return Err(ParseError::TooLarge {
+            size: msg.body.len(),
+            max: max_body,
+        });
     }
     let text = std::str::from_utf8(msg.body).map_err(|e| ParseError::NotUtf8(e.valid_up_to()))?;
     let text = text.trim_start_matches('\u{feff}').trim_start();

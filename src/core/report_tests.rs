@@ -197,6 +197,15 @@ fn announcements_are_not_reports() {
     assert!(matches!(m, Message::Announcement(_)));
     let m = parse(&inc("v01.speedo.client.all", b"whatever", None, &h)).unwrap();
     assert_eq!(m, Message::Control(Control::Speedo));
+    // A watchdog failure notice listing thousands of transfers is still pumpwatch's own
+    // message, not a report too large.
+    let big = vec![b'x'; 2 * DEFAULT_MAX_BODY];
+    let m = parse(&inc("v01.watchdog.node.n1", &big, None, &h)).unwrap();
+    assert_eq!(m, Message::Control(Control::Watchdog));
+    assert!(matches!(
+        parse(&inc("v02.report.a", &big, None, &h)),
+        Err(ParseError::TooLarge { .. })
+    ));
 }
 
 #[test]

@@ -366,6 +366,7 @@ async fn send_round(client: &Client, stats: &Stats, outs: Vec<Out>) -> (Vec<Out>
     }
     let mut again = Vec::new();
     let mut refused_any = false;
+    let mut unheard = std::collections::BTreeMap::new();
     for (mut o, r) in sent {
         let r = match r {
             Ok(confirm) => confirm.wait().await,
@@ -377,15 +378,11 @@ async fn send_round(client: &Client, stats: &Stats, outs: Vec<Out>) -> (Vec<Out>
             } else {
                 &stats.notices
             }),
-            Err(AmqpError::Unroutable { exchange, .. }) => {
+            Err(AmqpError::Unroutable { .. }) => {
                 if o.repost {
                     inc(&stats.reposts_unheard);
                 }
-                tracing::warn!(
-                    "nobody reads {} for {}: not delivered",
-                    text::escape(&exchange),
-                    text::escape(&o.msg.routing_key)
-                );
+                *unheard.entry(o.exchange).or_insert(0u64) += 1;
             }
             Err(e) if e.is_transient() || !client.is_connected() => {
                 tracing::debug!("publish not confirmed, sending again: {e}");
@@ -406,6 +403,12 @@ async fn send_round(client: &Client, stats: &Stats, outs: Vec<Out>) -> (Vec<Out>
                 }
             }
         }
+    }
+    for (exchange, n) in unheard {
+        tracing::warn!(
+            "{n} messages to {} not delivered: no queue is bound to it",
+            text::escape(&exchange)
+        );
     }
     (again, refused_any)
 }
