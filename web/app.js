@@ -24,7 +24,10 @@
   const stats = { events: 0, applyMs: 0, renderMs: 0, maxApplyMs: 0, maxRenderMs: 0 };
   window.__pw = stats;
 
-  const keyOf = (e) => e.kind + ":" + e.name;
+  // A pair (one client's transfers of one source's products) is known by its label,
+  // "cfs on radar"; a removal carries name and source only.
+  const nameOf = (e) => (e.kind === "pair" ? e.label || e.name + " on " + e.source : e.name);
+  const keyOf = (e) => e.kind + ":" + nameOf(e);
 
   function si(x, unit) {
     if (!isFinite(x)) return "–";
@@ -105,9 +108,9 @@
     let nc = 0, ns = 0;
     const v = [];
     for (const [k, e] of entities) {
-      if (e.kind === "client") nc++; else ns++;
-      if (kind !== "all" && e.kind !== kind) continue;
-      if (q && !e.name.toLowerCase().includes(q)) continue;
+      if (e.kind === "client") nc++; else if (e.kind === "source") ns++;
+      if (kind === "all" ? e.kind === "pair" : e.kind !== kind) continue;
+      if (q && !nameOf(e).toLowerCase().includes(q)) continue;
       v.push(e);
     }
     const byName = (a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : a.kind < b.kind ? -1 : 1);
@@ -150,7 +153,7 @@
     if (row.key !== k) {
       row.key = k; row.ver = -1; row.hist = null; row.histLen = -1;
       row.el.dataset.name = e.name; row.el.dataset.kind = e.kind;
-      row.name.textContent = e.name; row.name.title = e.name;
+      row.name.textContent = nameOf(e); row.name.title = nameOf(e);
       row.kind.textContent = e.kind;
     }
     if (row.ver !== e._ver) {
@@ -162,7 +165,9 @@
       row.errors.textContent = si(e.errors_per_s, "");
       row.reason.textContent = e.reason; row.reason.title = e.reason;
       row.lastGood = e.last_good_unix;
-      row.since.textContent = ago(e.last_good_unix);
+      row.lagText = e.lag_p95_s != null ? " · lag " + si(e.lag_p95_s, "s") : "";
+      row.since.textContent = ago(e.last_good_unix) + row.lagText;
+      row.since.title = e.window_lag_p95_s != null ? "p95 delivery lag over the window: " + si(e.window_lag_p95_s, "s") : "";
     }
     const h = hist.get(k);
     if (h && (row.hist !== h || row.histLen !== h.t.length)) {
@@ -206,7 +211,7 @@
     for (const e of want) {
       pending.add(keyOf(e));
       if (!byKind.has(e.kind)) byKind.set(e.kind, []);
-      byKind.get(e.kind).push(e.name);
+      byKind.get(e.kind).push(nameOf(e));
     }
     for (const [kind, names] of byKind) {
       const qs = "kind=" + kind + names.map((n) => "&name=" + encodeURIComponent(n)).join("");
@@ -267,7 +272,7 @@
     $(id).addEventListener("input", () => { dirtySort = true; list.scrollTop = 0; schedule(); });
   }
   setInterval(() => {
-    for (const row of pool) if (row.key) row.since.textContent = ago(row.lastGood);
+    for (const row of pool) if (row.key) row.since.textContent = ago(row.lastGood) + (row.lagText || "");
     if (total) $("total-since").textContent = ago(total.last_good_unix);
   }, 1000);
   makeTotalChart();

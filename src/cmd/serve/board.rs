@@ -265,6 +265,11 @@ impl Entity {
         self.points.back().and_then(|p| p.lag)
     }
 
+    /// The p95 lag over the window, at the last evaluation.
+    pub fn window_lag_p95(&self) -> Option<f64> {
+        self.window.lag_p95
+    }
+
     /// Takes a reading; false when it is not newer than the last one (a duplicate).
     fn observe(&mut self, r: &Reading, lag: Option<LagPoint>, history: Duration) -> bool {
         let end = r.end.0;

@@ -13,6 +13,8 @@
 //! | `pumpwatch_{client,source}_error_files_per_second` | gauge | client / source |
 //! | `pumpwatch_{client,source}_last_good_timestamp_seconds` | gauge | client / source |
 //! | `pumpwatch_{client,source}_state` | gauge, 1 for the current state | client / source, state |
+//! | `pumpwatch_{client,source}_lag_seconds` | gauge: the last interval's delivery lag | client / source, quantile (0.5, 0.95, 1 = max) |
+//! | `pumpwatch_{client,source}_window_lag_p95_seconds` | gauge: p95 lag over the rules' window (the `late` rule) | client / source |
 //! | `pumpwatch_pump_*` | the same for the totals, no name label | (state) |
 //! | `pumpwatch_serve_speedos_total` | counter | outcome (applied, ignored, stale, malformed) |
 //!
@@ -121,6 +123,38 @@ impl Collector for BoardCollector {
                         None => vec![],
                     };
                     put(m.encode_family(&labels)?, value(e))?;
+                }
+            }
+            if let Some(l) = label {
+                // Delivery lag, for the rows whose speedos carry it. (A quantile gauge, not a
+                // histogram: serve receives each interval's quantiles, not the lags.)
+                let lag_name = format!("{prefix}_lag_seconds");
+                let mut m = enc.encode_descriptor(
+                    &lag_name,
+                    "Delivery lag (completion - pubTime) in the last speedo interval, by quantile (1 = max).",
+                    None,
+                    MetricType::Gauge,
+                )?;
+                for e in entities {
+                    let Some(lag) = e.last_lag() else { continue };
+                    for (q, v) in [("0.5", lag.p50), ("0.95", Some(lag.p95)), ("1", lag.max)] {
+                        if let Some(v) = v {
+                            let labels = [(*l, e.name.as_str()), ("quantile", q)];
+                            ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
+                        }
+                    }
+                }
+                let window_name = format!("{prefix}_window_lag_p95_seconds");
+                let mut m = enc.encode_descriptor(
+                    &window_name,
+                    "p95 delivery lag over the health window (the late rule).",
+                    None,
+                    MetricType::Gauge,
+                )?;
+                for e in entities {
+                    if let Some(v) = e.window_lag_p95() {
+                        ConstGauge::new(v).encode(m.encode_family(&[(*l, e.name.as_str())])?)?;
+                    }
                 }
             }
             let name = format!("{prefix}_state");

@@ -405,6 +405,29 @@ impl Server {
     }
 }
 
+/// Serves a board on `listen` without a broker (`/healthz` answers 503): for benchmarks
+/// and for a process that feeds the board itself. Returns the bound address; serves
+/// until `shutdown`.
+pub async fn serve_board(
+    board: Arc<Mutex<Board>>,
+    listen: SocketAddr,
+    shutdown: Shutdown,
+) -> Result<SocketAddr, Error> {
+    let listener = Listener::bind(listen, Limits::default()).await?;
+    let addr = listener.local_addr();
+    let mut registry = Registry::with_prefix("pumpwatch");
+    registry.register_collector(Box::new(metrics::BoardCollector(board.clone())));
+    let shared = Arc::new(Shared {
+        board,
+        registry: Arc::new(registry),
+        client: Arc::new(OnceLock::new()),
+        push_every: Duration::from_secs(1),
+        shutdown: shutdown.clone(),
+    });
+    tokio::spawn(listener.serve(routes::router(shared), shutdown, Duration::from_secs(1)));
+    Ok(addr)
+}
+
 /// The admin view's pairs: binds the queue to each declared source's `xr_<source>`
 /// (`v01.speedo.client.#`). An exchange `setup` has not declared yet is tried again
 /// (backoff to 30 s) without holding up the rest; once bound, the client remembers the
