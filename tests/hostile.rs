@@ -12,14 +12,13 @@
 //! | source and client names from reports (HTML, newline, 300 bytes, `#`, existing exchange names), to make speedo create exchanges or lose everybody's speedos | [`names_from_reports_create_nothing_and_break_nobody`] |
 //! | 5 000 half-sent requests, drip-fed headers and idle keep-alive connections, to starve `/healthz` and the descriptors | [`slow_http_clients_never_starve_serve`] |
 //! | a 300-byte multi-byte `--exchange`; passwords with `/ @ : % #` in every error path | [`long_names_and_passwords_in_errors`] |
-//!
-//! Attribution attacks (announcement index poisoning, user-supplied hop counts, `CC`/`BCC`
-//! headers, reserved `pumpwatch.` topics) belong to the one-stage `route` of issue 9.
+//! | announcement index poisoning (a second source, or a subscriber, claiming another source's pubTime + name or identity), forged hop counts and stamps, `CC`/`BCC` headers and reserved `pumpwatch.` topics, to redirect or silence another source's reports | [`attribution_cannot_be_hijacked`] |
 
 mod common;
 
 use common::TestVhost;
 use pumpwatch::broker::amqp::{Client, ConnectOptions, QueueDecl, Topology};
+use pumpwatch::broker::names;
 use pumpwatch::cmd::setup;
 use pumpwatch::cmd::speedo::{self, Decoded, Subject};
 use pumpwatch::cmd::{Common, Error};
@@ -1376,5 +1375,309 @@ async fn long_names_and_passwords_in_errors() {
     }
     eprintln!(
         "FIGURE cli: 4 over-long --exchange names -> exit 2, a 255-byte one -> exit 1, no panic; {runs} failing runs of setup/log/speedo with passwords holding / @ : % # -> password never shown"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 1, 5 (and issue 9). Redirecting another source's reports through route
+// ---------------------------------------------------------------------------------------
+
+/// An sr3-style announcement (v03 JSON) as a source (or an attacker) posts it.
+fn announcement(pub_time: &str, rel_path: &str, identity: &str, source: &str) -> Outgoing {
+    let body = serde_json::json!({
+        "pubTime": pub_time,
+        "baseUrl": "sftp://data.example",
+        "relPath": rel_path,
+        "identity": {"method": "sha512", "value": identity},
+        "size": 1000,
+        "source": source,
+    });
+    Outgoing {
+        routing_key: format!("v03.{}", rel_path.replace('/', ".")),
+        body: body.to_string().into_bytes(),
+        content_type: "application/json",
+        headers: Headers::new(),
+    }
+}
+
+/// An sr3 report: `source` overwritten with the consumer's own user, relPath its local
+/// path; only pubTime, the file name and the identity survive.
+fn sr3_report(client: &str, pub_time: &str, name: &str, identity: &str) -> Outgoing {
+    let body = serde_json::json!({
+        "pubTime": pub_time,
+        "baseUrl": "file:/",
+        "relPath": format!("/home/{client}/data/{name}"),
+        "identity": {"method": "sha512", "value": identity},
+        "source": client,
+        "report": {"code": 201, "timeCompleted": "20260101T000010.000", "message": "ok"},
+    });
+    Outgoing {
+        routing_key: "v03.home.data".into(),
+        body: body.to_string().into_bytes(),
+        content_type: "application/json",
+        headers: Headers::new(),
+    }
+}
+
+/// Collects what arrives on an exchange (topic, headers, body), as the admin.
+#[derive(Clone, Default)]
+struct Got(Arc<Mutex<Vec<Msg>>>);
+
+/// (topic, headers, body) of one message seen.
+type Msg = (String, Headers, Vec<u8>);
+
+impl Got {
+    fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+    fn names(&self) -> BTreeSet<String> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(_, _, b)| {
+                let v: serde_json::Value = serde_json::from_slice(b).ok()?;
+                let rel = v["relPath"].as_str()?.to_owned();
+                Some(rel.rsplit('/').next().unwrap_or("").to_owned())
+            })
+            .collect()
+    }
+}
+
+async fn collect(pump: &Pump, exchange: &str, got: &Got) -> Client {
+    let queue = format!("q_guest.got.{}", rand::random::<u32>());
+    let client = Client::connect(
+        &common::broker(&pump.vh.amqp_url),
+        ConnectOptions {
+            topology: Topology::bound_queue(QueueDecl::exclusive(queue.clone()), exchange, "#"),
+            ..ConnectOptions::new(format!("collect {exchange}"))
+        },
+    )
+    .await
+    .unwrap();
+    let mut consumer = client.consume(&queue, 1000).await.unwrap();
+    let got = got.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            got.0.lock().unwrap().push((
+                d.routing_key.clone(),
+                d.props.headers.clone(),
+                d.body.clone(),
+            ));
+            let _ = d.ack().await;
+        }
+    });
+    client
+}
+
+/// `sat` (a source) and `edu` (a subscriber) try to get `radar`'s reports sent to `sat`,
+/// or to get them lost: by announcing radar's products under their own names (same
+/// pubTime and file name; same identity), by posting an "announcement" naming sat, by
+/// forging stamps and hop counts, by adding `CC`/`BCC` headers, by publishing under
+/// `pumpwatch.` topics. Nothing reaches `xr_sat`; a contested product attributes nothing
+/// (it goes to admins and `xrejected`, counted ambiguous); every uncontested report of
+/// radar's reaches `xr_radar` stamped with its true client and hop count 0.
+#[tokio::test]
+async fn attribution_cannot_be_hijacked() {
+    let Some(pump) = Pump::new(
+        "hostile-route",
+        &[
+            ("radar", "source"),
+            ("sat", "source"),
+            ("cfs", "subscriber"),
+            ("edu", "subscriber"),
+            ("feed", "feeder"),
+        ],
+        "",
+    )
+    .await
+    else {
+        return;
+    };
+    let (radar, sat, cfs, edu) = (
+        pump.user("radar"),
+        pump.user("sat"),
+        pump.user("cfs"),
+        pump.user("edu"),
+    );
+    let cfg =
+        pumpwatch::cmd::route::Config::from_args(Default::default(), &pump.common("feed")).unwrap();
+    let counters = cfg.counters.clone();
+    let stop = Shutdown::new();
+    let route = tokio::spawn(pumpwatch::cmd::route::run(cfg, stop.clone()));
+    let (on_radar, on_sat, rejected, admin) = (
+        Got::default(),
+        Got::default(),
+        Got::default(),
+        Got::default(),
+    );
+    let _w = [
+        collect(&pump, &names::source_exchange(&radar), &on_radar).await,
+        collect(&pump, &names::source_exchange(&sat), &on_sat).await,
+        collect(&pump, "xrejected", &rejected).await,
+        collect(&pump, "xreport", &admin).await,
+    ];
+    let (c_radar, c_sat, c_cfs, c_edu) = (
+        pump.connect("radar").await,
+        pump.connect("sat").await,
+        pump.connect("cfs").await,
+        pump.connect("edu").await,
+    );
+    let id = |n: u32| format!("{n:0>64x}");
+    // radar announces four products.
+    let products = [
+        ("20260101T000001.000", "a.h5", id(1)),
+        ("20260101T000002.000", "b.h5", id(2)),
+        ("20260101T000003.000", "c.h5", id(3)),
+        ("20260101T000004.000", "d.h5", id(4)),
+    ];
+    let radar_ann: Vec<Outgoing> = products
+        .iter()
+        .map(|(t, n, i)| announcement(t, &format!("20260101/{radar}/{n}"), i, &radar))
+        .collect();
+    // The attackers' claims, posted after radar's.
+    // sat: the same pubTime and file name as a.h5; the same identity as b.h5.
+    let sat_claims = vec![
+        announcement(
+            products[0].0,
+            &format!("20260101/{sat}/a.h5"),
+            &id(91),
+            &sat,
+        ),
+        announcement(
+            "20260202T000000.000",
+            &format!("20260101/{sat}/zz.h5"),
+            &products[1].2,
+            &sat,
+        ),
+    ];
+    // edu, a subscriber, "announces" c.h5 as sat's, on its own exchange.
+    let edu_claim = vec![announcement(
+        products[2].0,
+        &format!("20260101/{sat}/c.h5"),
+        &products[2].2,
+        &sat,
+    )];
+    // The announcements must be indexed before the reports arrive: one route consumer
+    // reads one queue in order, and each poster waits for its confirms.
+    publish_all(&c_radar, &names::user_exchange(&radar), &radar_ann).await;
+    publish_all(&c_sat, &names::user_exchange(&sat), &sat_claims).await;
+    publish_all(&c_edu, &names::user_exchange(&edu), &edu_claim).await;
+
+    let mut reports: Vec<Outgoing> = products
+        .iter()
+        .map(|(t, n, i)| sr3_report(&cfs, t, n, i))
+        .collect();
+    // d.h5 again, with forged stamps and hop counts of every kind.
+    for (k, hops) in [
+        ("int", pumpwatch::core::HeaderValue::Int(-1_000_000)),
+        ("max", pumpwatch::core::HeaderValue::Int(i64::MAX)),
+        ("text", pumpwatch::core::HeaderValue::Str("999".into())),
+    ] {
+        let mut r = sr3_report(&cfs, products[3].0, "d.h5", &products[3].2);
+        r.headers.set(names::H_HOPS, hops);
+        r.headers.set(H_SOURCE, sat.as_str());
+        r.headers.set(H_CLIENT, edu.as_str());
+        r.headers.set("forged", k);
+        reports.push(r);
+    }
+    // d.h5 again, with its own routing instructions towards sat.
+    let to_sat = names::source_route_key(&sat);
+    let steer = |name: &str, value: pumpwatch::core::HeaderValue| {
+        let mut r = sr3_report(&cfs, products[3].0, "d.h5", &products[3].2);
+        r.headers.set(name, value);
+        r
+    };
+    use pumpwatch::core::HeaderValue::{Array, Str};
+    reports.push(steer("BCC", Array(vec![Str(to_sat.clone())])));
+    reports.push(steer(
+        "CC",
+        Array(vec![Str(to_sat.clone()), Str(names::UNROUTED_KEY.into())]),
+    ));
+    // (A `BCC` that is not an array never gets this far: the broker refuses the publish.)
+    // And under the reserved topic space.
+    let mut reserved = Vec::new();
+    for topic in [
+        to_sat.clone(),
+        to_sat.to_uppercase(),
+        "pumpwatch.forward.x".into(),
+        names::UNROUTED_KEY.into(),
+    ] {
+        let mut r = sr3_report(&cfs, products[3].0, "d.h5", &products[3].2);
+        r.routing_key = topic;
+        reserved.push(r);
+    }
+    reports.extend(reserved);
+    publish_all(&c_cfs, &names::user_exchange(&cfs), &reports).await;
+
+    // 4 + 3 forged + 2 steered = 9 reports were published to xreport (a.h5 and b.h5 as
+    // unrouted), 4 reserved topics were rejected.
+    let n_admin = 9;
+    let (a, r) = (admin.clone(), rejected.clone());
+    common::wait_until(
+        "every report reached xreport and the rejects xrejected",
+        T,
+        || {
+            let done = a.len() >= n_admin && r.len() >= 2 + 4;
+            async move { done }
+        },
+    )
+    .await;
+    let o = on_radar.clone();
+    common::wait_until("radar's reports on xr_radar", T, || {
+        let done = o.len() >= 7;
+        async move { done }
+    })
+    .await;
+    stop.cancel();
+    route.await.unwrap().unwrap();
+
+    // Nothing for the attacker's source, ever.
+    assert_eq!(on_sat.len(), 0, "something reached xr_sat");
+    // radar got c.h5 (edu's claim was ignored) and d.h5 (6 times: plain, forged, steered),
+    // never the contested a.h5 and b.h5.
+    assert_eq!(on_radar.len(), 7);
+    assert_eq!(
+        on_radar.names(),
+        ["c.h5", "d.h5"].iter().map(|s| s.to_string()).collect()
+    );
+    for (_, h, _) in on_radar.0.lock().unwrap().iter() {
+        assert_eq!(h.get_str(H_CLIENT), Some(cfs.as_str()), "{h:?}");
+        assert_eq!(h.get_str(H_SOURCE), Some(radar.as_str()), "{h:?}");
+        assert_eq!(
+            h.get(names::H_HOPS).and_then(|v| v.as_i64()),
+            Some(0),
+            "{h:?}"
+        );
+        assert!(h.get("CC").is_none() && h.get("BCC").is_none(), "{h:?}");
+    }
+    // The contested products went to admins and xrejected as nobody's.
+    let reasons: Vec<String> = rejected
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, h, _)| h.get_str(names::H_REASON).unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "unknown source").count(),
+        2,
+        "{reasons:?}"
+    );
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| r.starts_with("reserved topic"))
+            .count(),
+        4,
+        "{reasons:?}"
+    );
+    assert_eq!(counters.get("announcement_ambiguous"), 2);
+    assert_eq!(counters.get("announcement_ignored"), 1);
+    assert_eq!(counters.get("announcement_indexed"), 4);
+    println!(
+        "FIGURE route: {} on xr_radar, 0 on xr_sat, contested 2 unrouted, 4 reserved topics rejected; {}",
+        on_radar.len(),
+        counters.summary()
     );
 }

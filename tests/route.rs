@@ -350,7 +350,7 @@ async fn reports_reach_their_source_and_only_theirs() {
     let addr = route::serve_metrics(
         "127.0.0.1:0".parse().unwrap(),
         counters.clone(),
-        vec![],
+        Default::default(),
         stop.clone(),
     )
     .await

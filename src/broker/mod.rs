@@ -5,3 +5,4 @@ pub mod amqp;
 pub mod mgmt;
 pub mod names;
 pub mod url;
+pub mod wire;

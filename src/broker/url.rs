@@ -171,6 +171,11 @@ impl BrokerUrl {
         self.tls
     }
 
+    /// The heartbeat to ask of the broker, in seconds (0: none).
+    pub fn heartbeat(&self) -> u16 {
+        self.heartbeat
+    }
+
     /// The same broker and options as another account.
     pub fn with_credentials(&self, user: &str, password: &str) -> BrokerUrl {
         BrokerUrl {

@@ -31,6 +31,7 @@ mod topology;
 
 pub use crate::broker::url::BrokerUrl;
 
+pub(crate) use client::backoff;
 pub use client::{CONNECT_TIMEOUT, Client, ConnectOptions, PendingConfirm, RECONNECT_WAIT};
 pub use consumer::{Consumer, Delivery};
 pub use convert::{MAX_SHORT, MessageProps, truncate_short};

@@ -24,6 +24,7 @@ pub use decide::{Consumed, Decider, Outcome, Publish, Reason, Route};
 pub use stats::Counters;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// `pumpwatch route` flags.
@@ -144,12 +145,12 @@ pub fn topology(cfg: &Config) -> Topology {
     t
 }
 
-/// `/metrics` (route's counters, Prometheus text) and `/healthz` on `addr`, until
-/// `shutdown`. Returns the bound address (port 0 picks one).
+/// `/metrics` (route's counters, Prometheus text) and `/healthz` (200 while `up`) on
+/// `addr`, until `shutdown`. Returns the bound address (port 0 picks one).
 pub async fn serve_metrics(
     addr: SocketAddr,
     counters: Arc<Counters>,
-    clients: Vec<Client>,
+    up: Arc<AtomicBool>,
     shutdown: Shutdown,
 ) -> Result<SocketAddr, Error> {
     let listener = Listener::bind(addr, Limits::default()).await?;
@@ -161,7 +162,7 @@ pub async fn serve_metrics(
         .route(
             "/healthz",
             crate::http::healthz(
-                move || clients.iter().all(Client::is_connected),
+                move || up.load(Ordering::Acquire),
                 "reconnecting to the broker",
             ),
         );
@@ -178,30 +179,27 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), Error> {
             cfg.pump.exchanges.public
         );
     }
+    // The topology goes through the adapter (it fails fast on a bad URL or password, and
+    // declares again after its own reconnects); the hot path has its own connection.
+    let topology = topology(&cfg);
     let opts = ConnectOptions {
-        name: format!("pumpwatch route ({})", cfg.feeder),
-        topology: topology(&cfg),
+        name: format!("pumpwatch route topology ({})", cfg.feeder),
+        topology: topology.clone(),
         ..ConnectOptions::default()
     };
-    let client = Client::connect(&cfg.broker, opts).await?;
+    let admin = Client::connect(&cfg.broker, opts).await?;
     let queue = names::route_queue(&cfg.pump, &cfg.feeder).name;
-    let consumer = client.consume(&queue, cfg.prefetch).await?;
     tracing::info!(broker = %cfg.broker, queue = %queue, "route started");
     let counters = cfg.counters.clone();
     let mut tasks = Tasks::new("route", &shutdown);
+    let pipeline = pipeline::Pipeline::new(&cfg, &admin, topology, &shutdown);
     if let Some(addr) = cfg.listen {
-        let local = serve_metrics(
-            addr,
-            counters.clone(),
-            vec![client.clone()],
-            shutdown.clone(),
-        )
-        .await?;
+        let local =
+            serve_metrics(addr, counters.clone(), pipeline.health(), shutdown.clone()).await?;
         tracing::info!("route metrics on http://{local}/metrics");
     }
-    let pipeline = pipeline::Pipeline::new(&cfg, &client, &shutdown);
     let decider = cfg.decider();
-    tasks.spawn(async move { pipeline.run(consumer, decider).await });
+    tasks.spawn(async move { pipeline.run(decider).await });
     let (log_counters, log_every, log_stop) = (counters.clone(), cfg.log_every, shutdown.clone());
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(log_every);
@@ -215,6 +213,6 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), Error> {
     });
     let result = tasks.join().await;
     tracing::info!("route stopped: {}", counters.summary());
-    client.close().await;
+    admin.close().await;
     result
 }

@@ -1,44 +1,50 @@
-//! The hot loop of `route`: consume → decide → publish once → await the confirm → ack.
+//! The hot loop of `route`: consume → decide → publish once → confirm → ack, all in one
+//! task on one connection ([`crate::broker::wire`]): every batch of frames read is
+//! decided, published and settled before the next read, with no thread hand-off.
 //!
-//! **At least once, nothing lost.** Every input goes to the settler in delivery order,
-//! with the confirm of its one output (or none). The settler awaits the confirms in that
-//! order and acks consecutive successes with one `multiple` ack; an input whose output was
-//! not confirmed, or whose publish failed, is nacked back to the queue on its own first, so
-//! a `multiple` ack never covers an input that was not published. A confirm lost with the
-//! connection leaves its input unacked: the broker redelivers it (duplicates possible,
-//! losses not).
+//! **At least once, nothing lost.** Inputs are settled in delivery order. Consecutive
+//! inputs whose output the broker confirmed (or that needed none) are acked with one
+//! `multiple` ack per batch; an input whose output was refused (nacked, or its channel
+//! closed under it) is nacked back to the queue on its own, after the acks before it, so a
+//! `multiple` ack never covers it. An output refused **for good** (an access refused, a
+//! policy) goes to `xrejected` with the reason instead of being retried forever; an
+//! exchange deleted under route is declared again and the input retried. When the
+//! connection goes, nothing unacked was acked: the broker redelivers it (duplicates
+//! possible, losses not), and route reconnects with backoff.
 //!
-//! **Memory bounded in bytes.** Bodies are dropped as soon as they are published (the
-//! settler keeps only what it needs to ack); rejects of oversized messages carry only the
-//! first [`REJECT_KEEP`] bytes; and while more than `max_inflight_bytes` are published and
-//! not yet confirmed, the loop stops taking deliveries and caps the channel's prefetch at
-//! what it holds, so the broker sends no more until confirms come back.
+//! **Memory bounded in bytes.** Of a message larger than `route.max_body` only the first
+//! [`REJECT_KEEP`] bytes are ever held (the rest is read off the socket and dropped; it is
+//! rejected as too large with those bytes as evidence). What is held until confirmed is
+//! counted, and over `max_inflight_bytes` the consumer's channel is capped at what it
+//! holds, so the broker sends no more until confirms free room.
 
-use super::decide::{Decider, Outcome, Publish, Route};
+use super::decide::{Decider, Outcome, Reason, Route};
 use super::stats::Counters;
 use super::{Config, Error};
-use crate::broker::amqp::{AmqpError, Client, Consumer, Delivery, PendingConfirm};
-use crate::broker::names::{H_CLIENT, H_EXCHANGE, H_HOPS, H_REASON, H_SOURCE};
+use crate::broker::amqp::{Client, Topology};
+use crate::broker::names::{self, H_CLIENT, H_EXCHANGE, H_HOPS, H_REASON, H_SOURCE};
+use crate::broker::url::BrokerUrl;
+use crate::broker::wire::{Delivery, Event, Properties, Session, WireError};
+use crate::core::HeaderValue;
+use crate::core::report::Incoming;
 use crate::core::topic::{MAX_SHORT, truncated};
-use crate::core::{HeaderValue, Headers};
 use crate::shutdown::Shutdown;
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 
 /// An oversized message is rejected with this much of its body (and its size).
 pub const REJECT_KEEP: usize = 64 * 1024;
-
-/// Acks are sent as one `multiple` ack per this many settled inputs at most (fewer frames,
-/// fewer wake-ups); any gap in the stream flushes sooner.
-const ACK_BATCH: usize = 64;
 
 /// The header telling how large a truncated reject was.
 const H_SIZE: &str = "pumpwatch_size";
 
 pub struct Pipeline {
-    client: Client,
+    broker: BrokerUrl,
+    name: String,
+    queue: String,
     counters: Arc<Counters>,
     shutdown: Shutdown,
     report_exchange: String,
@@ -46,48 +52,67 @@ pub struct Pipeline {
     prefetch: u16,
     drain: Duration,
     budget: usize,
+    max_body: usize,
+    /// The topology connection (lapin): declares again what was deleted under route.
+    admin: Client,
+    topology: Topology,
+    /// Up while the hot-path connection is (for `/healthz`).
+    connected: Arc<AtomicBool>,
 }
 
-/// What the settler does with one input.
-enum Settle {
-    /// Ack once this confirm (if any) arrives.
-    Confirm(Option<PendingConfirm>, Done),
-    /// Put it back on the queue: its publish failed.
+/// Where one input stands.
+enum State {
+    /// Waiting for the confirm of publish `seq`.
+    Waiting(u64),
+    /// Its output was confirmed (or it needed none).
+    Done,
+    /// Put it back on the queue.
     Requeue,
+    /// Its output was refused by the broker, for this reason.
+    Refused(u16, String),
 }
 
-/// What to count once an input is settled.
-#[derive(Clone, Copy)]
-enum Done {
+/// What to count once an input's output is confirmed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
     Nothing,
-    Routed(RouteKind),
-    Rejected,
-}
-
-#[derive(Clone, Copy)]
-enum RouteKind {
     Source,
     Forward,
     Unrouted,
+    Rejected,
 }
 
-struct Held {
-    delivery: Delivery,
-    settle: Settle,
-    bytes: usize,
+struct Input {
+    tag: u64,
+    state: State,
+    kind: Kind,
+    /// The output, kept until confirmed in case it must go elsewhere.
+    exchange: String,
+    routing_key: String,
+    properties: Properties,
+    body: Vec<u8>,
+    /// Returned by the broker as unroutable (no queue at all took it).
+    returned: bool,
 }
 
-/// Bytes published and not yet settled, shared by the loop and the settler.
-#[derive(Default)]
-struct Budget {
-    held: AtomicUsize,
-    freed: Notify,
+impl Input {
+    fn bytes(&self) -> usize {
+        self.body.len()
+    }
+}
+
+/// How a served connection ended.
+enum End {
+    Stopped,
+    Lost(WireError),
 }
 
 impl Pipeline {
-    pub fn new(cfg: &Config, client: &Client, shutdown: &Shutdown) -> Pipeline {
+    pub fn new(cfg: &Config, admin: &Client, topology: Topology, shutdown: &Shutdown) -> Pipeline {
         Pipeline {
-            client: client.clone(),
+            broker: cfg.broker.clone(),
+            name: format!("pumpwatch route ({})", cfg.feeder),
+            queue: names::route_queue(&cfg.pump, &cfg.feeder).name,
             counters: cfg.counters.clone(),
             shutdown: shutdown.clone(),
             report_exchange: cfg.pump.exchanges.report.clone(),
@@ -95,248 +120,384 @@ impl Pipeline {
             prefetch: cfg.prefetch,
             drain: cfg.drain,
             budget: cfg.max_inflight_bytes.max(1),
+            max_body: cfg.pump.route.max_body,
+            admin: admin.clone(),
+            topology,
+            connected: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    /// Runs until `shutdown` (or the consumer ends); then stops consuming and settles
-    /// what is held, within the drain bound.
-    pub async fn run(self, mut consumer: Consumer, mut decider: Decider) -> Result<(), Error> {
-        let (tx, rx) = mpsc::channel::<Held>(usize::from(self.prefetch).max(16));
-        let budget = Arc::new(Budget::default());
-        let settler = tokio::spawn(settle(rx, self.counters.clone(), budget.clone()));
-        let mut limited = false;
-        let result = loop {
-            // Over budget: take no more, and have the broker send no more, until confirms
-            // free enough.
-            while budget.held.load(Ordering::Acquire) >= self.budget {
-                if !limited {
-                    let _ = consumer.limit(1).await;
-                    limited = true;
+    /// True while the hot-path connection is up.
+    pub fn health(&self) -> Arc<AtomicBool> {
+        self.connected.clone()
+    }
+
+    /// Connects (the first failure is an error: the command exits 1) and serves until
+    /// `shutdown`, reconnecting with backoff after a loss.
+    pub async fn run(self, mut decider: Decider) -> Result<(), Error> {
+        let keep = self.max_body.max(REJECT_KEEP) + 1;
+        let mut attempt = 0u32;
+        let mut first = true;
+        loop {
+            if self.shutdown.is_cancelled() {
+                return Ok(());
+            }
+            let opened = async {
+                let mut s = Session::open(&self.broker, &self.name, keep).await?;
+                s.consume(&self.queue, self.prefetch).await?;
+                Ok::<_, WireError>(s)
+            };
+            let mut session = match opened.await {
+                Ok(s) => s,
+                Err(e) if first => return Err(Error::Failed(format!("route: {e}"))),
+                Err(e) => {
+                    tracing::debug!(attempt, "route reconnect failed: {e}");
+                    let wait = crate::broker::amqp::backoff(
+                        Duration::from_millis(200),
+                        Duration::from_secs(30),
+                        attempt,
+                    );
+                    attempt = attempt.saturating_add(1);
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(wait) => continue,
+                    }
                 }
-                tokio::select! {
-                    _ = self.shutdown.cancelled() => break,
-                    _ = budget.freed.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            };
+            if !first {
+                tracing::info!("route: reconnected to {}", self.broker);
+            }
+            first = false;
+            attempt = 0;
+            self.connected.store(true, Ordering::Release);
+            let end = self.serve(&mut session, &mut decider).await;
+            self.connected.store(false, Ordering::Release);
+            match end {
+                End::Stopped => {
+                    session.close().await;
+                    return Ok(());
+                }
+                End::Lost(e) => {
+                    tracing::warn!(
+                        "route: connection to {} lost ({e}); reconnecting, unsettled inputs come back",
+                        self.broker
+                    );
                 }
             }
-            if limited && budget.held.load(Ordering::Acquire) < self.budget / 2 {
-                let _ = consumer.limit(self.prefetch).await;
+        }
+    }
+
+    /// One connection's life: until shutdown (and the drain) or its loss.
+    async fn serve(&self, s: &mut Session, decider: &mut Decider) -> End {
+        let mut inflight: VecDeque<Input> = VecDeque::new();
+        let mut events = Vec::with_capacity(256);
+        let mut held = 0usize;
+        let mut limited = false;
+        let mut stop_at: Option<Instant> = None;
+        let mut refusals = 0u32;
+        loop {
+            let far = Instant::now() + Duration::from_secs(3600);
+            let read = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled(), if stop_at.is_none() => {
+                    // Stop taking new messages; settle what is held, within the bound.
+                    s.cancel();
+                    stop_at = Some(Instant::now() + self.drain);
+                    continue;
+                }
+                _ = tokio::time::sleep_until(stop_at.unwrap_or(far)), if stop_at.is_some() => {
+                    if !inflight.is_empty() {
+                        tracing::warn!(
+                            held = inflight.len(),
+                            "drain deadline passed; unsettled inputs will be redelivered by the broker"
+                        );
+                    }
+                    let _ = s.flush().await;
+                    return End::Stopped;
+                }
+                r = s.next_events(&mut events) => r,
+            };
+            if let Err(e) = read {
+                return End::Lost(e);
+            }
+            for ev in events.drain(..) {
+                match ev {
+                    Event::Delivery(d) => {
+                        let input = self.take(s, decider, *d);
+                        held += input.bytes();
+                        inflight.push_back(input);
+                    }
+                    Event::Confirm { seq, multiple, ok } => {
+                        // Publishes are in input order: stop past `seq`.
+                        for i in inflight.iter_mut() {
+                            let State::Waiting(w) = i.state else { continue };
+                            if w > seq {
+                                break;
+                            }
+                            if w == seq || multiple {
+                                i.state = if ok {
+                                    State::Done
+                                } else {
+                                    State::Refused(0, "the broker refused (nacked) it".into())
+                                };
+                            }
+                        }
+                    }
+                    Event::Returned {
+                        exchange,
+                        routing_key,
+                        ..
+                    } => {
+                        // Returns come before the confirm of their publish: the oldest
+                        // one waiting with that destination.
+                        if let Some(i) = inflight.iter_mut().find(|i| {
+                            matches!(i.state, State::Waiting(_))
+                                && !i.returned
+                                && i.exchange == exchange
+                                && truncated(&i.routing_key, MAX_SHORT) == routing_key
+                        }) {
+                            i.returned = true;
+                        }
+                    }
+                    Event::PublishRefused {
+                        code,
+                        text,
+                        last_seq,
+                    } => {
+                        let text = crate::core::text::escape(&text).into_owned();
+                        tracing::warn!("route: the broker refused a publish: {code} {text}");
+                        for i in inflight.iter_mut() {
+                            let State::Waiting(w) = i.state else { continue };
+                            if w > last_seq {
+                                break;
+                            }
+                            i.state = State::Refused(code, text.clone());
+                        }
+                    }
+                    Event::Blocked(true) => {
+                        tracing::warn!("route: the broker blocked publishing (resource alarm)")
+                    }
+                    Event::Blocked(false) => {
+                        tracing::info!("route: the broker unblocked publishing")
+                    }
+                }
+            }
+            if let Err(e) = self
+                .settle(s, &mut inflight, &mut held, &mut refusals)
+                .await
+            {
+                return End::Lost(e);
+            }
+            // Over budget: the broker sends no more until confirms free room.
+            if held >= self.budget && !limited {
+                s.limit(u16::try_from(inflight.len()).unwrap_or(u16::MAX));
+                limited = true;
+            } else if limited && held < self.budget / 2 {
+                s.limit(self.prefetch);
                 limited = false;
             }
-            let mut delivery = tokio::select! {
-                _ = self.shutdown.cancelled() => break Ok(()),
-                d = consumer.next() => match d {
-                    Some(Ok(d)) => d,
-                    Some(Err(e)) => break Err(Error::from(e)),
-                    None => break Ok(()),
-                },
-            };
-            let outcome = decider.decide(&delivery.incoming());
-            let (settle, bytes) = match self.publish(&delivery, outcome).await {
-                Ok((confirm, done, bytes)) => (Settle::Confirm(confirm, done), bytes),
-                Err(e) => {
-                    if e.is_transient() {
-                        tracing::debug!("publish failed, requeueing the input: {e}");
-                    } else {
-                        tracing::warn!("publish failed, requeueing the input: {e}");
-                        // A refusal that repeats (e.g. a missing permission) must not spin.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    self.counters.retried();
-                    (Settle::Requeue, 0)
-                }
-            };
-            // What was published is in the client's hands now; keep only what acks it.
-            delivery.body = Vec::new();
-            budget.held.fetch_add(bytes, Ordering::AcqRel);
-            let held = Held {
-                delivery,
-                settle,
-                bytes,
-            };
-            if tx.send(held).await.is_err() {
-                break Ok(());
+            if stop_at.is_some() && inflight.is_empty() {
+                let _ = s.flush().await;
+                return End::Stopped;
             }
-        };
-        // Stop taking new messages, then settle everything held, within the drain bound.
-        let _ = consumer.cancel().await;
-        drop(tx);
-        match tokio::time::timeout(self.drain, settler).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return result.and(Err(Error::from_join("route's settler", e))),
-            Err(_) => tracing::warn!(
-                "drain deadline passed; unsettled inputs will be redelivered by the broker"
-            ),
         }
-        result
     }
 
-    /// Publishes what `outcome` says; returns the confirm to wait for, what to count
-    /// once it came, and the bytes it holds meanwhile.
-    async fn publish(
-        &self,
-        d: &Delivery,
-        outcome: Outcome,
-    ) -> Result<(Option<PendingConfirm>, Done, usize), AmqpError> {
-        match outcome {
+    /// Decides what to do with one delivery and queues its publish.
+    fn take(&self, s: &mut Session, decider: &mut Decider, d: Delivery) -> Input {
+        let outcome = if let Some(e) = &d.bad_properties {
+            Outcome::Reject {
+                reason: Reason::Malformed,
+                detail: format!("unreadable message properties: {e}"),
+            }
+        } else if d.truncated() {
+            Outcome::Reject {
+                reason: Reason::TooLarge,
+                detail: format!("{} bytes, more than {}", d.body_size, self.max_body),
+            }
+        } else {
+            decider.decide(&Incoming {
+                exchange: &d.exchange,
+                routing_key: &d.routing_key,
+                body: &d.body,
+                content_type: d.properties.content_type_str(),
+                user_id: d.properties.user_id_str(),
+                headers: &d.headers,
+            })
+        };
+        let mut properties = d.properties;
+        // A sender's own routing instructions are never passed on.
+        let mut headers = properties.headers.take().unwrap_or_default();
+        for k in names::ROUTING_HEADERS {
+            headers.remove(k);
+        }
+        let (exchange, kind, body) = match outcome {
             Outcome::Consumed(c) => {
                 self.counters.consumed(c);
-                Ok((None, Done::Nothing, 0))
+                return Input {
+                    tag: d.tag,
+                    state: State::Done,
+                    kind: Kind::Nothing,
+                    exchange: String::new(),
+                    routing_key: String::new(),
+                    properties: Properties::default(),
+                    body: Vec::new(),
+                    returned: false,
+                };
             }
             Outcome::Reject { reason, detail } => {
                 self.counters.rejected(reason);
-                let mut h = Headers::new();
-                h.set(H_REASON, short(&Outcome::reason_text(reason, &detail)));
-                h.set(H_EXCHANGE, short(&d.exchange));
-                let c = if d.body.len() > REJECT_KEEP {
+                headers.set(H_REASON, &short(&Outcome::reason_text(reason, &detail)));
+                headers.set(H_EXCHANGE, &short(&d.exchange));
+                let mut body = d.body;
+                if d.body_size > REJECT_KEEP as u64 {
                     // Keep the evidence, not the payload: the rejected queue keeps 100 000.
-                    h.set(H_SIZE, HeaderValue::Int(d.body.len() as i64));
-                    self.client
-                        .forward_body(
-                            &self.rejected,
-                            &d.routing_key,
-                            d,
-                            &d.body[..REJECT_KEEP],
-                            &h,
-                        )
-                        .await?
-                } else {
-                    self.client
-                        .forward(&self.rejected, &d.routing_key, d, &h)
-                        .await?
-                };
-                Ok((Some(c), Done::Rejected, d.body.len().min(REJECT_KEEP)))
+                    headers.set(H_SIZE, &HeaderValue::Int(d.body_size as i64));
+                    body.truncate(REJECT_KEEP);
+                }
+                (self.rejected.clone(), Kind::Rejected, body)
             }
             Outcome::Publish(p) => {
+                headers.set(H_CLIENT, &short(p.client.as_deref().unwrap_or("")));
+                headers.set(H_SOURCE, &short(p.source.as_deref().unwrap_or("")));
+                headers.set(H_HOPS, &HeaderValue::Int(p.hops));
+                headers.set(
+                    "BCC",
+                    &HeaderValue::Array(vec![HeaderValue::Str(p.route.bcc_key())]),
+                );
                 let kind = match p.route {
-                    Route::Source(_) => RouteKind::Source,
-                    Route::Forward(_) => RouteKind::Forward,
-                    Route::Unrouted => RouteKind::Unrouted,
+                    Route::Source(_) => Kind::Source,
+                    Route::Forward(_) => Kind::Forward,
+                    Route::Unrouted => {
+                        headers.set(H_REASON, &short(Reason::UnknownSource.label()));
+                        Kind::Unrouted
+                    }
                 };
-                let h = stamps(&p);
-                let c = self
-                    .client
-                    .forward(&self.report_exchange, &d.routing_key, d, &h)
-                    .await?;
-                Ok((Some(c), Done::Routed(kind), d.body.len()))
+                (self.report_exchange.clone(), kind, d.body)
             }
+        };
+        properties.headers = Some(headers);
+        // Never claim to be somebody we are not: the broker checks user_id.
+        if properties.user_id.as_deref() != Some(self.broker.user().as_bytes()) {
+            properties.user_id = None;
+        }
+        properties.delivery_mode = Some(properties.delivery_mode.unwrap_or(2));
+        let seq = s.publish(&exchange, &d.routing_key, &properties, &body);
+        Input {
+            tag: d.tag,
+            state: State::Waiting(seq),
+            kind,
+            exchange,
+            routing_key: d.routing_key,
+            properties,
+            body,
+            returned: false,
         }
     }
-}
 
-/// The headers route sets on a report: its stamps (a user's own are always replaced, by
-/// an empty value when route could not tell) and the `BCC` key the broker fans out on.
-fn stamps(p: &Publish) -> Headers {
-    let mut h = Headers::new();
-    h.set(H_CLIENT, short(p.client.as_deref().unwrap_or("")));
-    h.set(H_SOURCE, short(p.source.as_deref().unwrap_or("")));
-    h.set(H_HOPS, HeaderValue::Int(p.hops));
-    h.set(
-        "BCC",
-        HeaderValue::Array(vec![HeaderValue::Str(p.route.bcc_key())]),
-    );
-    if p.route == Route::Unrouted {
-        h.set(H_REASON, super::decide::Reason::UnknownSource.label());
+    /// Settles the inputs at the front that are settled: acks the longest prefix of done
+    /// ones at once; requeues or redirects the refused ones, each on its own after the
+    /// acks before it.
+    async fn settle(
+        &self,
+        s: &mut Session,
+        inflight: &mut VecDeque<Input>,
+        held: &mut usize,
+        refusals: &mut u32,
+    ) -> Result<(), WireError> {
+        let mut ack_upto: Option<u64> = None;
+        while let Some(front) = inflight.front_mut() {
+            match &front.state {
+                State::Waiting(_) => break,
+                State::Done => {
+                    let i = inflight.pop_front().unwrap_or_else(|| unreachable!());
+                    *held -= i.bytes();
+                    self.count(&i);
+                    ack_upto = Some(i.tag);
+                    *refusals = 0;
+                }
+                State::Requeue => {
+                    let i = inflight.pop_front().unwrap_or_else(|| unreachable!());
+                    *held -= i.bytes();
+                    if let Some(t) = ack_upto.take() {
+                        s.ack(t, true);
+                    }
+                    s.nack(i.tag, true);
+                    self.counters.retried();
+                }
+                State::Refused(code, text) => {
+                    let (code, text) = (*code, text.clone());
+                    *refusals += 1;
+                    if let Some(t) = ack_upto.take() {
+                        s.ack(t, true);
+                    }
+                    if *refusals > 3 {
+                        // The broker keeps refusing: do not spin.
+                        s.flush().await?;
+                        let pause = Duration::from_millis(100 * u64::from((*refusals).min(50)));
+                        tokio::time::sleep(pause).await;
+                    }
+                    if code == 404 && front.kind != Kind::Rejected {
+                        // An exchange deleted under route: declare it again, then retry.
+                        if let Err(e) = self.admin.declare(&self.topology).await {
+                            tracing::warn!("route: cannot declare the topology again: {e}");
+                        }
+                        front.state = State::Requeue;
+                        continue;
+                    }
+                    if front.kind == Kind::Rejected {
+                        // Even xrejected refuses it: it stays on our queue.
+                        front.state = State::Requeue;
+                        continue;
+                    }
+                    // Refused for good: to xrejected with the reason, nothing lost.
+                    let mut headers = front.properties.headers.take().unwrap_or_default();
+                    for k in ["BCC", "CC"] {
+                        headers.remove(k);
+                    }
+                    let reason = if code == 0 {
+                        format!("refused: {text}")
+                    } else {
+                        format!("refused: {code} {text}")
+                    };
+                    headers.set(H_REASON, &short(&reason));
+                    headers.set(H_EXCHANGE, &short(&front.exchange));
+                    front.properties.headers = Some(headers);
+                    front.exchange = self.rejected.clone();
+                    front.kind = Kind::Rejected;
+                    front.returned = false;
+                    let seq = s.publish(
+                        &self.rejected,
+                        &front.routing_key,
+                        &front.properties,
+                        &front.body,
+                    );
+                    front.state = State::Waiting(seq);
+                    self.counters.refused();
+                    break;
+                }
+            }
+        }
+        if let Some(t) = ack_upto {
+            s.ack(t, true);
+        }
+        Ok(())
     }
-    h
+
+    fn count(&self, i: &Input) {
+        if i.returned {
+            self.counters.unheard();
+            return;
+        }
+        match i.kind {
+            Kind::Nothing | Kind::Rejected => {}
+            Kind::Source => self.counters.routed(),
+            Kind::Forward => self.counters.forwarded(),
+            Kind::Unrouted => self.counters.unrouted(),
+        }
+    }
 }
 
 fn short(s: &str) -> HeaderValue {
     HeaderValue::Str(truncated(s, MAX_SHORT).to_owned())
-}
-
-/// Awaits each confirm in order and settles its input: ack only after the confirm.
-/// Inputs arrive in delivery order from one consumer channel, so consecutive successes are
-/// acked together with `multiple`; anything else first flushes the acks before it and is
-/// then settled on its own.
-async fn settle(mut rx: mpsc::Receiver<Held>, counters: Arc<Counters>, budget: Arc<Budget>) {
-    let mut pending: Option<Delivery> = None;
-    let mut batched = 0usize;
-    async fn flush(pending: &mut Option<Delivery>, batched: &mut usize) {
-        if let Some(d) = pending.take() {
-            let _ = d.ack_multiple().await;
-        }
-        *batched = 0;
-    }
-    loop {
-        let held = match rx.try_recv() {
-            Ok(h) => h,
-            Err(mpsc::error::TryRecvError::Empty) => {
-                flush(&mut pending, &mut batched).await;
-                match rx.recv().await {
-                    Some(h) => h,
-                    None => break,
-                }
-            }
-            Err(mpsc::error::TryRecvError::Disconnected) => break,
-        };
-        let ok = match held.settle {
-            Settle::Requeue => false,
-            Settle::Confirm(confirm, done) => {
-                let result = match confirm {
-                    Some(c) => c.wait().await,
-                    None => Ok(()),
-                };
-                match result {
-                    Ok(()) => {
-                        count(&counters, done);
-                        true
-                    }
-                    // No queue at all took it (not even an admin's on xreport): it was
-                    // heard by nobody, and retrying would not change that.
-                    Err(AmqpError::Unroutable { .. }) => {
-                        counters.unheard();
-                        true
-                    }
-                    // The publish channel or connection went away: the input goes back.
-                    Err(e) if e.is_transient() => {
-                        tracing::debug!("confirm lost, requeueing the input: {e}");
-                        false
-                    }
-                    Err(e) => {
-                        tracing::warn!("output not confirmed ({e}); requeueing the input");
-                        counters.retried();
-                        // Do not spin on a broker that keeps refusing.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        false
-                    }
-                }
-            }
-        };
-        if !ok {
-            // Settled on its own, after the acks before it: a later `multiple` ack must
-            // never cover an input whose output was not confirmed. (On a dead channel
-            // this is a no-op and the broker redelivers it anyway.)
-            flush(&mut pending, &mut batched).await;
-            let _ = held.delivery.nack(true).await;
-        }
-        if held.bytes > 0 {
-            budget.held.fetch_sub(held.bytes, Ordering::AcqRel);
-            budget.freed.notify_one();
-        }
-        if ok {
-            if pending
-                .as_ref()
-                .is_some_and(|p| !p.same_channel(&held.delivery))
-            {
-                flush(&mut pending, &mut batched).await;
-            }
-            pending = Some(held.delivery);
-            batched += 1;
-            if batched >= ACK_BATCH {
-                flush(&mut pending, &mut batched).await;
-            }
-        }
-    }
-    flush(&mut pending, &mut batched).await;
-}
-
-fn count(counters: &Counters, done: Done) {
-    match done {
-        Done::Nothing => {}
-        Done::Rejected => {}
-        Done::Routed(RouteKind::Source) => counters.routed(),
-        Done::Routed(RouteKind::Forward) => counters.forwarded(),
-        Done::Routed(RouteKind::Unrouted) => counters.unrouted(),
-    }
 }

@@ -53,6 +53,11 @@ impl Counters {
         self.add("unheard", "");
     }
 
+    /// An output the broker refused for good, sent to `xrejected` with the reason.
+    pub fn refused(&self) {
+        self.add("refused", "");
+    }
+
     pub fn retried(&self) {
         self.add("retried", "");
     }
