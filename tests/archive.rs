@@ -553,3 +553,76 @@ async fn malformed_and_partial_lines_are_skipped_with_a_warning() {
     assert_eq!(products.len(), 2, "{out:?}");
     assert!(!out.iter().any(|l| l.contains('\x1b')));
 }
+
+#[tokio::test]
+async fn a_life_spanning_hours_is_whole_when_both_hours_matched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("pump");
+    // Hour 10: wanted.h5 fails; hour 11: it is delivered, and another product fails.
+    let h10 = vec![
+        line(
+            "20240101T105959",
+            499,
+            "cfs",
+            "n1",
+            "20240101/radar/wanted.h5",
+            1,
+        ),
+        line(
+            "20240101T105959",
+            201,
+            "cfs",
+            "n1",
+            "20240101/radar/noise.h5",
+            2,
+        ),
+    ];
+    let h11 = vec![
+        line(
+            "20240101T110001",
+            201,
+            "cfs",
+            "n1",
+            "20240101/radar/wanted.h5",
+            1,
+        ),
+        line(
+            "20240101T110002",
+            404,
+            "edu",
+            "n2",
+            "20240101/radar/other.h5",
+            3,
+        ),
+    ];
+    write_hour(&root, "ddsr.a", "2024/01/01/10", &h10, true);
+    write_hour(&root, "ddsr.a", "2024/01/01/11", &h11, true);
+    let cfg = trace::Config {
+        dirs: vec![root],
+        query: Query {
+            code: Some("4xx".parse().unwrap()),
+            ..Default::default()
+        },
+        follow: Duration::from_secs(86400),
+        json: false,
+        threads: 2,
+        stats: false,
+    };
+    let found = trace::search(&cfg, &Shutdown::new()).unwrap();
+    let lives: Vec<(&str, Vec<u16>)> = found
+        .lives
+        .iter()
+        .map(|l| {
+            (
+                l.file.as_str(),
+                l.events.iter().map(|e| e.line.code).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        lives,
+        [("wanted.h5", vec![499, 201]), ("other.h5", vec![404])],
+        "{:?}",
+        found.stats
+    );
+}

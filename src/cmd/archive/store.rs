@@ -165,45 +165,71 @@ pub fn for_each_chunk(
     compressed: bool,
     f: &mut dyn FnMut(&[u8]) -> bool,
 ) -> io::Result<()> {
+    for_each_chunk_in(path, compressed, &mut Vec::new(), 0, f).map(|_| ())
+}
+
+/// [`for_each_chunk`] reading into `data` (a buffer the caller reuses, so its pages are
+/// touched once), which keeps the whole hour while it fits in `cap` bytes: returns the
+/// hour's length when it did (the text is then `data[..len]`), `None` when it did not
+/// fit (or `f` stopped early).
+pub fn for_each_chunk_in(
+    path: &Path,
+    compressed: bool,
+    data: &mut Vec<u8>,
+    cap: usize,
+    f: &mut dyn FnMut(&[u8]) -> bool,
+) -> io::Result<Option<usize>> {
     let file = File::open(path)?;
     let mut reader: Box<dyn Read> = if compressed {
         Box::new(zstd::stream::read::Decoder::new(file)?)
     } else {
         Box::new(file)
     };
-    let mut buf = vec![0u8; CHUNK];
-    let mut filled = 0;
+    let mut kept = cap > 0;
+    // data[done..filled]: read, not yet handed to `f`.
+    let (mut done, mut filled) = (0usize, 0usize);
     loop {
-        if filled == buf.len() {
-            // One line longer than the buffer: grow it (lines are bounded by the
-            // largest message the broker accepted).
-            buf.resize(buf.len() * 2, 0);
+        if data.len() - filled < CHUNK / 2 {
+            if kept && filled + CHUNK > cap {
+                kept = false;
+            }
+            if !kept && done > 0 {
+                data.copy_within(done..filled, 0);
+                filled -= done;
+                done = 0;
+            }
+            if data.len() - filled < CHUNK / 2 {
+                // Grows while kept, or for one line longer than the buffer (lines are
+                // bounded by the largest message the broker accepted).
+                data.resize(filled + CHUNK, 0);
+            }
         }
-        let n = match reader.read(&mut buf[filled..]) {
+        let n = match reader.read(&mut data[filled..]) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
         if n == 0 {
-            if filled > 0 {
-                f(&buf[..filled]);
+            if filled > done && !f(&data[done..filled]) {
+                return Ok(None);
             }
-            return Ok(());
+            return Ok(kept.then_some(filled));
         }
         filled += n;
-        // Fill most of the buffer before handing it over: fewer, larger searches.
-        if filled < buf.len() / 2 {
+        if filled > cap {
+            kept = false;
+        }
+        // Hand over large pieces: fewer, longer searches.
+        if filled - done < CHUNK / 2 {
             continue;
         }
-        let cut = complete_len(&buf[..filled]);
-        if cut == 0 {
-            continue;
+        let cut = done + complete_len(&data[done..filled]);
+        if cut > done {
+            if !f(&data[done..cut]) {
+                return Ok(None);
+            }
+            done = cut;
         }
-        if !f(&buf[..cut]) {
-            return Ok(());
-        }
-        buf.copy_within(cut..filled, 0);
-        filled -= cut;
     }
 }
 

@@ -251,3 +251,26 @@ fn cluster_directories_in_both_layouts() {
     let one = clusters_of(&tmp.path().join("ddsr.sci")).unwrap();
     assert_eq!(one[0].0, "ddsr.sci");
 }
+
+#[test]
+fn an_hour_is_kept_in_the_callers_buffer_when_it_fits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("x.log");
+    let mut text = lines(0..60_000, "20240101T100000");
+    text.extend_from_slice(b"partial");
+    fs::write(&p, &text).unwrap();
+    let mut data = Vec::new();
+    for (cap, keeps) in [(64 << 20, true), (CHUNK, false), (0, false)] {
+        let mut got = Vec::new();
+        let kept = for_each_chunk_in(&p, false, &mut data, cap, &mut |c| {
+            got.extend_from_slice(c);
+            true
+        })
+        .unwrap();
+        assert_eq!(got, text, "cap {cap}");
+        assert_eq!(kept.is_some(), keeps, "cap {cap}");
+        if let Some(n) = kept {
+            assert_eq!(&data[..n], &text[..]);
+        }
+    }
+}

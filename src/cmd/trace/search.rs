@@ -9,10 +9,12 @@
 //!    order: each hour is streamed (decompressed on the fly) in chunks, candidate lines are
 //!    found by one search over each chunk ([`Matcher::candidates`]) and checked. After each
 //!    wave the matches go to [`Lives`]; once `--limit` products are found, pass 1 stops.
-//! 3. **Pass 2** reads the hours that may hold one of those products ([`Index::may_hold`],
-//!    from an hour before the first line found to `--follow` after the last) for their
-//!    other lines, so each product shows its whole life across every pump, not only the
-//!    lines the query matched.
+//! 3. **Pass 2** collects the other lines of each product found, so each product shows
+//!    its whole life across every pump, not only the lines the query matched. An hour
+//!    pass 1 read is kept in memory while it fits (512 MB over all threads), and the other
+//!    lines of the products found in it are taken from there; then only the hours that
+//!    may hold a product found elsewhere ([`Index::may_hold`], from an hour before the
+//!    first line found to `--follow` after the last) are read again.
 //!
 //! Malformed and partial lines met on the way are skipped and counted (one warning).
 
@@ -20,8 +22,10 @@ use super::Config;
 use crate::cmd::Error;
 use crate::cmd::archive::store::{self, IDX, LOG, ZST, hour_base, with_ext};
 use crate::core::Stamp;
-use crate::core::archive::{ArchiveLine, Follow, Index, Life, LineError, Lives, Matcher};
+use crate::core::archive::line::identity_token;
+use crate::core::archive::{ArchiveLine, Follow, Index, Life, LineError, Lives, Matcher, SetKind};
 use crate::shutdown::Shutdown;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -104,15 +108,21 @@ impl Unit {
         Index::decode(&bytes).map(Some).map_err(|e| e.to_string())
     }
 
-    /// Streams the hour's lines; a `.log` compressed meanwhile is read from its `.zst`.
-    fn read(&self, f: &mut dyn FnMut(&[u8]) -> bool) -> std::io::Result<()> {
+    /// Streams the hour's lines through `data` (see [`store::for_each_chunk_in`]); a
+    /// `.log` compressed meanwhile is read from its `.zst`.
+    fn read(
+        &self,
+        data: &mut Vec<u8>,
+        cap: usize,
+        f: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> std::io::Result<Option<usize>> {
         let base = self.base();
         if self.zst {
-            return store::for_each_chunk(&with_ext(&base, ZST), true, f);
+            return store::for_each_chunk_in(&with_ext(&base, ZST), true, data, cap, f);
         }
-        match store::for_each_chunk(&with_ext(&base, LOG), false, f) {
+        match store::for_each_chunk_in(&with_ext(&base, LOG), false, data, cap, f) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                store::for_each_chunk(&with_ext(&base, ZST), true, f)
+                store::for_each_chunk_in(&with_ext(&base, ZST), true, data, cap, f)
             }
             r => r,
         }
@@ -121,7 +131,12 @@ impl Unit {
 
 #[derive(Debug, Default)]
 struct UnitResult {
+    /// Lines the query matched (pass 1) or lines of the products followed (pass 2).
     lines: Vec<ArchiveLine>,
+    /// Pass 1, hour held whole: the other lines of the products found in it.
+    related: Vec<ArchiveLine>,
+    /// Pass 1: `related` holds every other line of those products in this hour.
+    covered: bool,
     malformed: u64,
     bytes: u64,
     skipped_by_time: bool,
@@ -143,8 +158,18 @@ type Pick<'a> = dyn FnMut(&[u8]) -> Result<Option<ArchiveLine>, LineError> + 'a;
 /// Hands each candidate line of a chunk to the callback.
 type Cands<'a> = dyn Fn(&[u8], &mut dyn FnMut(&[u8])) + 'a;
 
-fn scan(u: &Unit, stop: &Shutdown, result: &mut UnitResult, pick: &mut Pick, candidates: &Cands) {
-    let r = u.read(&mut |chunk| {
+/// Reads the hour, handing each candidate line to `pick`; returns the hour's length when
+/// it was kept whole in `data` (at most `cap` bytes).
+fn scan(
+    u: &Unit,
+    stop: &Shutdown,
+    result: &mut UnitResult,
+    pick: &mut Pick,
+    candidates: &Cands,
+    data: &mut Vec<u8>,
+    cap: usize,
+) -> Option<usize> {
+    let r = u.read(data, cap, &mut |chunk| {
         result.bytes += chunk.len() as u64;
         candidates(chunk, &mut |raw| match pick(raw) {
             Ok(Some(l)) => result.lines.push(l),
@@ -153,18 +178,24 @@ fn scan(u: &Unit, stop: &Shutdown, result: &mut UnitResult, pick: &mut Pick, can
         });
         !stop.is_cancelled()
     });
-    if let Err(e) = r {
-        tracing::warn!(
-            "trace: cannot read {}/{} ({}): {e}",
-            u.dir.display(),
-            u.hour,
-            u.cluster
-        );
-        result.unreadable = true;
+    match r {
+        Ok(kept) => kept,
+        Err(e) => {
+            tracing::warn!(
+                "trace: cannot read {}/{} ({}): {e}",
+                u.dir.display(),
+                u.hour,
+                u.cluster
+            );
+            result.unreadable = true;
+            None
+        }
     }
 }
 
-fn pass1(u: &Unit, m: &Matcher, stop: &Shutdown) -> UnitResult {
+/// Pass 1 of one hour. The hour's text is kept while it fits in `cap`, so the other
+/// lines of the products found here are collected from memory, not read again in pass 2.
+fn pass1(u: &Unit, m: &Matcher, stop: &Shutdown, data: &mut Vec<u8>, cap: usize) -> UnitResult {
     let mut r = UnitResult::default();
     let q = m.query();
     if q.since.is_some_and(|s| ends_before(u.start, s)) {
@@ -186,62 +217,134 @@ fn pass1(u: &Unit, m: &Matcher, stop: &Shutdown) -> UnitResult {
             r.bad_index = true;
         }
     }
-    scan(u, stop, &mut r, &mut |raw| m.check(raw), &|chunk, f| {
-        m.candidates(chunk).for_each(&mut *f)
-    });
+    let kept = scan(
+        u,
+        stop,
+        &mut r,
+        &mut |raw| m.check(raw),
+        &|chunk, f| m.candidates(chunk).for_each(&mut *f),
+        data,
+        cap,
+    );
+    if let Some(len) = kept
+        && !r.lines.is_empty()
+    {
+        let text = &data[..len];
+        let mut found = Lives::new();
+        for l in &r.lines {
+            found.add("", l.clone());
+        }
+        let follow = found.follow(q);
+        for raw in follow.candidates(text) {
+            if let Ok(Some(l)) = follow.check(raw) {
+                r.related.push(l);
+            }
+        }
+        r.covered = true;
+    }
     r
 }
 
-fn pass2(u: &Unit, follow: &Follow, all: bool, stop: &Shutdown) -> Option<UnitResult> {
-    match u.index() {
-        Ok(Some(ix)) if !ix.may_hold(follow) => return None,
-        _ => {}
+/// How pass 2 reads an hour.
+enum Again<'a> {
+    /// Not read in pass 1: every line of a product followed.
+    All,
+    /// Read in pass 1 (not held whole): lines the query did not match.
+    Unmatched,
+    /// Held whole in pass 1: only for products found in other hours (`files`,
+    /// `identities`), and none of the lines already taken from it.
+    Others {
+        files: Vec<&'a str>,
+        identities: Vec<&'a str>,
+        taken: &'a HashSet<String>,
+    },
+}
+
+fn pass2(
+    u: &Unit,
+    follow: &Follow,
+    again: &Again,
+    stop: &Shutdown,
+    data: &mut Vec<u8>,
+) -> Option<UnitResult> {
+    let index = u.index().ok().flatten();
+    match again {
+        Again::Others {
+            files, identities, ..
+        } => {
+            let wanted = match &index {
+                Some(ix) => {
+                    files.iter().any(|f| ix.may_contain_value(SetKind::File, f))
+                        || identities
+                            .iter()
+                            .any(|i| ix.may_contain_value(SetKind::Identity, i))
+                }
+                None => !(files.is_empty() && identities.is_empty()),
+            };
+            if !wanted {
+                return None;
+            }
+        }
+        _ => {
+            if index.is_some_and(|ix| !ix.may_hold(follow)) {
+                return None;
+            }
+        }
     }
     let mut r = UnitResult::default();
-    let mut pick = |raw: &[u8]| {
-        if all {
-            follow.check_any(raw)
-        } else {
-            follow.check(raw)
-        }
+    let mut pick = |raw: &[u8]| match again {
+        Again::All => follow.check_any(raw),
+        Again::Unmatched => follow.check(raw),
+        Again::Others { taken, .. } => follow
+            .check(raw)
+            .map(|l| l.filter(|l| !taken.contains(&l.to_line()))),
     };
-    scan(u, stop, &mut r, &mut pick, &|chunk, f| {
-        follow.candidates(chunk).for_each(&mut *f)
-    });
+    scan(
+        u,
+        stop,
+        &mut r,
+        &mut pick,
+        &|chunk, f| follow.candidates(chunk).for_each(&mut *f),
+        data,
+        0,
+    );
     Some(r)
 }
 
-/// Runs `work` over `items` on `threads` threads; results in the order of `items`.
+/// Runs `work` over `items` on `threads` threads, each with a scratch buffer of its own
+/// from `pool` (kept between calls, so its pages are touched once); results in the order
+/// of `items`.
 fn parallel<T: Sync, R: Send + Default>(
     items: &[T],
-    threads: usize,
-    work: &(dyn Fn(&T) -> R + Sync),
+    pool: &[std::sync::Mutex<Vec<u8>>],
+    work: &(dyn Fn(&T, &mut Vec<u8>) -> R + Sync),
 ) -> Vec<R> {
     let next = AtomicUsize::new(0);
-    let threads = threads.clamp(1, items.len().max(1));
-    let mut results: Vec<R> = Vec::with_capacity(items.len());
-    results.resize_with(items.len(), R::default);
+    let threads = pool.len().clamp(1, items.len().max(1));
     let slots: Vec<std::sync::Mutex<Option<R>>> = (0..items.len())
         .map(|_| std::sync::Mutex::new(None))
         .collect();
     std::thread::scope(|s| {
-        for _ in 0..threads {
+        for scratch in &pool[..threads] {
             s.spawn(|| {
+                let mut data = scratch.lock().unwrap_or_else(|p| p.into_inner());
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(item) = items.get(i) else { break };
-                    let r = work(item);
+                    let r = work(item, &mut data);
                     *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
                 }
             });
         }
     });
-    for (i, slot) in slots.into_iter().enumerate() {
-        if let Some(r) = slot.into_inner().unwrap_or_else(|p| p.into_inner()) {
-            results[i] = r;
-        }
-    }
-    results
+    slots
+        .into_iter()
+        .map(|s| {
+            s.into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_default()
+        })
+        .collect()
 }
 
 fn units(dirs: &[PathBuf], stats: &mut SearchStats) -> Result<Vec<Unit>, Error> {
@@ -276,39 +379,96 @@ fn units(dirs: &[PathBuf], stats: &mut SearchStats) -> Result<Vec<Unit>, Error> 
     Ok(units)
 }
 
+/// How much decompressed text pass 1 may hold in memory, over all threads.
+const HOLD_BUDGET: usize = 512 << 20;
+
+/// Where each name (file name or identity token) of the lines taken was taken from.
+#[derive(Default)]
+struct Taken {
+    files: HashMap<String, BTreeSet<usize>>,
+    identities: HashMap<String, BTreeSet<usize>>,
+}
+
+impl Taken {
+    fn note(&mut self, unit: usize, l: &ArchiveLine) {
+        self.files
+            .entry(l.file_name().to_owned())
+            .or_default()
+            .insert(unit);
+        if let Some(id) = &l.identity {
+            self.identities
+                .entry(identity_token(id))
+                .or_default()
+                .insert(unit);
+        }
+    }
+
+    /// The names of `follow` that were taken elsewhere than `unit` (or nowhere).
+    fn elsewhere<'a>(&self, follow: &'a Follow, unit: usize) -> (Vec<&'a str>, Vec<&'a str>) {
+        let only_here = |m: &HashMap<String, BTreeSet<usize>>, n: &str| {
+            m.get(n).is_some_and(|u| u.len() == 1 && u.contains(&unit))
+        };
+        (
+            follow
+                .files()
+                .filter(|f| !only_here(&self.files, f))
+                .collect(),
+            follow
+                .identities()
+                .filter(|i| !only_here(&self.identities, i))
+                .collect(),
+        )
+    }
+}
+
 /// Searches the archives of `cfg.dirs` (blocking; stops early when `stop` is cancelled).
 pub fn search(cfg: &Config, stop: &Shutdown) -> Result<Found, Error> {
     let mut stats = SearchStats::default();
     let units = units(&cfg.dirs, &mut stats)?;
     let q = &cfg.query;
     let matcher = q.matcher();
+    let cap = (HOLD_BUDGET / cfg.threads.max(1)).clamp(16 << 20, 128 << 20);
+    let pool: Vec<std::sync::Mutex<Vec<u8>>> = (0..cfg.threads.max(1))
+        .map(|_| std::sync::Mutex::new(Vec::new()))
+        .collect();
     let mut lives = Lives::new();
     // Earliest and latest time of what was found, for the window of pass 2.
     let mut span: Option<(Stamp, Stamp)> = None;
     let mut read_in_pass1 = vec![false; units.len()];
+    // Hours held whole in pass 1, with the lines taken from them.
+    let mut covered: HashMap<usize, HashSet<String>> = HashMap::new();
+    let mut taken = Taken::default();
     let mut at = 0;
     let mut wave = cfg.threads * 2;
     while at < units.len() && !stop.is_cancelled() {
         let end = (at + wave).min(units.len());
-        let results = parallel(&units[at..end], cfg.threads, &|u| pass1(u, &matcher, stop));
+        let results = parallel(&units[at..end], &pool, &|u, data| {
+            pass1(u, &matcher, stop, data, cap)
+        });
         for (i, r) in results.into_iter().enumerate() {
+            let unit = at + i;
             stats.skipped_by_time += usize::from(r.skipped_by_time);
             stats.skipped_by_index += usize::from(r.skipped_by_index);
             stats.bad_indexes += usize::from(r.bad_index);
             stats.unreadable += usize::from(r.unreadable);
             let read = !(r.skipped_by_time || r.skipped_by_index);
             stats.read += usize::from(read);
-            read_in_pass1[at + i] = read;
+            read_in_pass1[unit] = read;
             stats.bytes += r.bytes;
             stats.malformed += r.malformed;
             stats.matched += r.lines.len();
-            for l in r.lines {
+            if r.covered {
+                let lines = r.lines.iter().chain(&r.related);
+                covered.insert(unit, lines.map(ArchiveLine::to_line).collect());
+            }
+            for l in r.lines.into_iter().chain(r.related) {
                 let lo = l.pub_time.map_or(l.time, |p| p.min(l.time));
                 span = Some(match span {
                     None => (lo, l.time),
                     Some((a, b)) => (a.min(lo), b.max(l.time)),
                 });
-                lives.add(&units[at + i].cluster, l);
+                taken.note(unit, &l);
+                lives.add(&units[unit].cluster, l);
             }
         }
         at = end;
@@ -335,15 +495,30 @@ pub fn search(cfg: &Config, stop: &Shutdown) -> Result<Found, Error> {
         let to = crate::core::archive::hour_path(Stamp(
             last.0.checked_add(follow_for).unwrap_or(last.0),
         ));
-        let todo: Vec<(usize, &Unit)> = units
+        let todo: Vec<(usize, Again)> = units
             .iter()
             .enumerate()
             .filter(|(_, u)| u.hour >= from && u.hour <= to)
+            .map(|(i, _)| {
+                let again = match covered.get(&i) {
+                    Some(lines) => {
+                        let (files, identities) = taken.elsewhere(&follow, i);
+                        Again::Others {
+                            files,
+                            identities,
+                            taken: lines,
+                        }
+                    }
+                    None if read_in_pass1[i] => Again::Unmatched,
+                    None => Again::All,
+                };
+                (i, again)
+            })
             .collect();
-        let results = parallel(&todo, cfg.threads, &|(i, u)| {
-            pass2(u, &follow, !read_in_pass1[*i], stop)
+        let results = parallel(&todo, &pool, &|(i, again), data| {
+            pass2(&units[*i], &follow, again, stop, data)
         });
-        for ((i, u), r) in todo.iter().zip(results) {
+        for ((i, _), r) in todo.iter().zip(results) {
             let Some(r) = r else { continue };
             stats.followed += 1;
             stats.bytes += r.bytes;
@@ -352,7 +527,7 @@ pub fn search(cfg: &Config, stop: &Shutdown) -> Result<Found, Error> {
                 stats.unreadable += usize::from(r.unreadable);
             }
             for l in r.lines {
-                lives.add(&u.cluster, l);
+                lives.add(&units[*i].cluster, l);
             }
         }
     }
