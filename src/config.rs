@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::broker::url::BrokerUrl;
 pub use crate::broker::url::DEFAULT_BROKER;
 pub const DEFAULT_ADMIN_URL: &str = "http://127.0.0.1:15672";
 pub use crate::core::attribution::DEFAULT_RELPATH_PATTERN;
@@ -145,6 +146,8 @@ struct RawThresholds {
 struct RawCluster {
     via: Option<String>,
     broker: Option<String>,
+    password_env: Option<String>,
+    reconnect_delay: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -253,12 +256,43 @@ pub struct User {
     pub interval: Option<Duration>,
 }
 
+/// Another pump (SPEC §4.8): a neighbour (`broker`: this pump's shovel delivers to it)
+/// or a pump further away (`via`: reports for it are handed to another cluster).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Neighbour {
     pub name: String,
     pub via: Option<String>,
-    pub broker: Option<String>,
+    /// Where reports for this pump leave this one: itself for a neighbour, else the
+    /// neighbour at the end of the `via` chain (always a neighbour; validated).
+    pub next_hop: String,
+    /// A neighbour's broker, as the account this pump uses there; its `Display` hides
+    /// the password.
+    pub broker: Option<BrokerUrl>,
+    /// The variable holding that account's password (else the URL's, else
+    /// `credentials.conf`).
+    pub password_env: Option<String>,
+    /// How long the shovel waits before connecting again after a failure.
+    pub reconnect_delay: Duration,
 }
+
+impl Neighbour {
+    /// The account this pump uses on the neighbour: the shovel publishes to its
+    /// `xs_<account>` there, where that pump declares it with role `cluster`.
+    pub fn account(&self) -> Option<&str> {
+        self.broker.as_ref().map(BrokerUrl::user)
+    }
+
+    /// The URL's own password, when it has one.
+    pub fn url_password(&self) -> Option<&str> {
+        self.broker
+            .as_ref()
+            .map(BrokerUrl::password)
+            .filter(|p| !p.is_empty())
+    }
+}
+
+/// Default seconds between a shovel's reconnection attempts.
+pub const DEFAULT_RECONNECT_DELAY: Duration = Duration::from_secs(5);
 
 /// Exchange names (SPEC §3), all configurable.
 #[derive(Debug, Clone, PartialEq)]
@@ -473,35 +507,11 @@ impl Config {
             check_name(key.clone(), &name)?;
             thresholds.insert(name, thresholds_from(t, default_thresholds, &key, &bad)?);
         }
-        let mut neighbours = BTreeMap::new();
-        let check_cluster = |key: String, name: &str| -> Result<(), ConfigError> {
-            if is_valid_cluster_name(name) {
-                Ok(())
-            } else {
-                Err(bad(key, CLUSTER_RULE.into()))
-            }
-        };
-        for (name, c) in raw.clusters {
-            check_cluster(format!("clusters.{}", key_word(&name)), &name)?;
-            neighbours.insert(
-                name.clone(),
-                Neighbour {
-                    name,
-                    via: c.via,
-                    broker: c.broker,
-                },
-            );
+        let cluster = raw.cluster.unwrap_or_else(|| "localhost".into());
+        if !is_valid_cluster_name(&cluster) {
+            return Err(bad("cluster".into(), CLUSTER_RULE.into()));
         }
-        for n in neighbours.values() {
-            if let Some(v) = &n.via
-                && !neighbours.contains_key(v)
-            {
-                return Err(bad(
-                    format!("clusters.{}.via", n.name),
-                    format!("names no declared cluster {v:?}"),
-                ));
-            }
-        }
+        let neighbours = neighbours_from(raw.clusters, &cluster, &bad)?;
         let pattern = raw
             .route
             .relpath_pattern
@@ -536,8 +546,6 @@ impl Config {
                 return Err(bad(k.into(), "must be at least 0.1 s".into()));
             }
         }
-        let cluster = raw.cluster.unwrap_or_else(|| "localhost".into());
-        check_cluster("cluster".into(), &cluster)?;
         let archive = match raw.archive {
             Some(a) => Some(archive_from(a, &bad)?),
             None => None,
@@ -890,6 +898,150 @@ fn watchdog_from(
     })
 }
 
+/// `[clusters.<name>]` (SPEC §4.8), validated: names, exactly one of `broker` (a
+/// neighbour, with the account this pump uses there) or `via` (a pump further away),
+/// and every `via` chain ending at a neighbour, so `route` always has a next hop with a
+/// shovel behind it.
+fn neighbours_from(
+    raw: BTreeMap<String, RawCluster>,
+    this_pump: &str,
+    bad: &dyn Fn(String, String) -> ConfigError,
+) -> Result<BTreeMap<String, Neighbour>, ConfigError> {
+    let mut out = BTreeMap::new();
+    for (name, c) in raw {
+        let key = format!("clusters.{}", key_word(&name));
+        if !is_valid_cluster_name(&name) {
+            return Err(bad(key, CLUSTER_RULE.into()));
+        }
+        if name == this_pump {
+            return Err(bad(
+                key,
+                format!(
+                    "is this pump's own name (cluster = {this_pump:?}); a pump does not forward to itself"
+                ),
+            ));
+        }
+        let broker = match (&c.broker, &c.via) {
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    key,
+                    "has both broker and via: a neighbour has broker, a pump further away has \
+                     via"
+                    .into(),
+                ));
+            }
+            (None, None) => {
+                return Err(bad(
+                    key,
+                    "needs broker = \"amqp://ACCOUNT@host/vhost\" (a neighbour) or via = \
+                     \"<cluster>\" (a pump further away)"
+                        .into(),
+                ));
+            }
+            (Some(text), None) => {
+                Some(neighbour_url(text).map_err(|r| bad(format!("{key}.broker"), r))?)
+            }
+            (None, Some(_)) => None,
+        };
+        if broker.is_none() {
+            for (field, set) in [
+                ("password_env", c.password_env.is_some()),
+                ("reconnect_delay", c.reconnect_delay.is_some()),
+            ] {
+                if set {
+                    return Err(bad(
+                        format!("{key}.{field}"),
+                        "only for a neighbour (with broker); this pump is reached via another"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        if c.password_env.as_deref() == Some("") {
+            return Err(bad(format!("{key}.password_env"), "is empty".into()));
+        }
+        let reconnect_delay = match c.reconnect_delay {
+            Some(d) => d
+                .get()
+                .map_err(|r| bad(format!("{key}.reconnect_delay"), r))?,
+            None => DEFAULT_RECONNECT_DELAY,
+        };
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&reconnect_delay)
+            || reconnect_delay.subsec_nanos() != 0
+        {
+            return Err(bad(
+                format!("{key}.reconnect_delay"),
+                "must be whole seconds from 1 to 3600".into(),
+            ));
+        }
+        out.insert(
+            name.clone(),
+            Neighbour {
+                next_hop: name.clone(),
+                name,
+                via: c.via,
+                broker,
+                password_env: c.password_env,
+                reconnect_delay,
+            },
+        );
+    }
+    // Follow each `via` chain to its neighbour; a chain that comes back on itself or
+    // names nothing declared never reaches one.
+    let mut hops = BTreeMap::new();
+    for n in out.values() {
+        let mut path = vec![n.name.as_str()];
+        let mut at = n;
+        while let Some(via) = &at.via {
+            let key = format!("clusters.{}.via", key_word(&at.name));
+            at = match out.get(via) {
+                Some(next) => next,
+                None if via == this_pump => {
+                    return Err(bad(
+                        key,
+                        format!(
+                            "names this pump ({via:?}); via names the neighbour reports go through"
+                        ),
+                    ));
+                }
+                None => return Err(bad(key, format!("names no declared cluster {via:?}"))),
+            };
+            if path.contains(&at.name.as_str()) {
+                path.push(&at.name);
+                return Err(bad(
+                    format!("clusters.{}.via", key_word(&n.name)),
+                    format!("never reaches a neighbour: {}", path.join(" -> ")),
+                ));
+            }
+            path.push(&at.name);
+        }
+        hops.insert(n.name.clone(), at.name.clone());
+    }
+    for (name, hop) in hops {
+        if let Some(n) = out.get_mut(&name) {
+            n.next_hop = hop;
+        }
+    }
+    Ok(out)
+}
+
+/// A neighbour's `broker`: an AMQP URL naming the account this pump uses there (no
+/// default `guest`: that account is what the neighbour declares with role `cluster`).
+fn neighbour_url(text: &str) -> Result<BrokerUrl, String> {
+    let url = BrokerUrl::parse(text).map_err(|e| e.to_string())?;
+    let has_user = url::Url::parse(text.trim()).is_ok_and(|u| !u.username().is_empty());
+    if !has_user {
+        return Err(format!(
+            "{}: needs the account this pump uses there (amqp://ACCOUNT@host/vhost)",
+            crate::broker::url::redact(text.trim())
+        ));
+    }
+    if !is_valid_name(url.user()) {
+        return Err(format!("account {:?}: {NAME_RULE}", url.user()));
+    }
+    Ok(url)
+}
+
 fn thresholds_from(
     t: RawThresholds,
     base: Thresholds,
@@ -1117,6 +1269,121 @@ interval = "1m"
                 e.contains(want_where) && e.contains(want_what),
                 "{text:?}: {e}"
             );
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
+    fn clusters_resolve_their_next_hop() {
+        let c = Config::parse(
+            "cluster = \"ddsr.c\"\n\
+             [clusters.\"ddsr.b\"]\nbroker = \"amqp://from-c:s3cret@pump-b:5672/b\"\n\
+             reconnect_delay = 2\n\
+             [clusters.\"ddsr.a\"]\nvia = \"ddsr.b\"\n\
+             [clusters.far]\nvia = \"ddsr.a\"\n\
+             [clusters.east]\nbroker = \"amqps://c@east/\"\npassword_env = \"PW_EAST\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        let hop = |n: &str| c.neighbours[n].next_hop.as_str();
+        assert_eq!(
+            (hop("ddsr.b"), hop("ddsr.a"), hop("far"), hop("east")),
+            ("ddsr.b", "ddsr.b", "ddsr.b", "east")
+        );
+        let b = &c.neighbours["ddsr.b"];
+        assert_eq!(b.account(), Some("from-c"));
+        assert_eq!(b.url_password(), Some("s3cret"));
+        assert_eq!(b.reconnect_delay, Duration::from_secs(2));
+        assert!(!format!("{c:?}").contains("s3cret"), "Debug hides it");
+        let east = &c.neighbours["east"];
+        assert_eq!((east.account(), east.url_password()), (Some("c"), None));
+        assert_eq!(east.password_env.as_deref(), Some("PW_EAST"));
+        assert_eq!(east.reconnect_delay, DEFAULT_RECONNECT_DELAY);
+        assert_eq!(c.neighbours["far"].account(), None);
+    }
+
+    #[test]
+    fn cluster_errors_name_the_key_and_never_the_password() {
+        let table = [
+            (
+                "cluster = \"a\"\n[clusters.a]\nbroker = \"amqp://x@h/\"",
+                "clusters.a",
+                "own name",
+            ),
+            (
+                "[clusters.a]\nbroker = \"amqp://x@h/\"\nvia = \"b\"",
+                "clusters.a",
+                "both broker and via",
+            ),
+            ("[clusters.a]", "clusters.a", "needs broker"),
+            (
+                "[clusters.a]\nbroker = \"amqp://h/\"",
+                "clusters.a.broker",
+                "needs the account",
+            ),
+            (
+                "[clusters.a]\nbroker = \"http://u:hunter22@h/\"",
+                "clusters.a.broker",
+                "scheme",
+            ),
+            (
+                "[clusters.a]\nbroker = \"amqp://u:hunter22@h:port/\"",
+                "clusters.a.broker",
+                "invalid",
+            ),
+            (
+                "[clusters.a]\nbroker = \"amqp://a.b:hunter22@h/\"",
+                "clusters.a.broker",
+                "no dots",
+            ),
+            (
+                "[clusters.a]\nvia = \"b\"\n[clusters.b]\nvia = \"a\"",
+                "clusters.a.via",
+                "never reaches a neighbour: a -> b -> a",
+            ),
+            (
+                "[clusters.a]\nvia = \"a\"",
+                "clusters.a.via",
+                "never reaches a neighbour: a -> a",
+            ),
+            (
+                "[clusters.a]\nvia = \"b\"\n[clusters.b]\nvia = \"c\"",
+                "clusters.b.via",
+                "no declared cluster \"c\"",
+            ),
+            (
+                "cluster = \"me\"\n[clusters.a]\nvia = \"me\"",
+                "clusters.a.via",
+                "names this pump",
+            ),
+            (
+                "[clusters.a]\nvia = \"b\"\npassword_env = \"P\"\n[clusters.b]\nbroker = \"amqp://u@h/\"",
+                "clusters.a.password_env",
+                "only for a neighbour",
+            ),
+            (
+                "[clusters.b]\nbroker = \"amqp://u@h/\"\nreconnect_delay = 0.5",
+                "clusters.b.reconnect_delay",
+                "whole seconds",
+            ),
+            (
+                "[clusters.b]\nbroker = \"amqp://u@h/\"\nreconect_delay = 5",
+                "t.toml:3",
+                "reconect_delay",
+            ),
+            (
+                "[clusters.\"a b\"]\nbroker = \"amqp://u@h/\"",
+                "clusters.\"a b\"",
+                "cluster name",
+            ),
+        ];
+        for (text, want_where, want_what) in table {
+            let e = Config::parse(text, "t.toml").unwrap_err().to_string();
+            assert!(
+                e.contains(want_where) && e.contains(want_what),
+                "{text:?}: {e}"
+            );
+            assert!(!e.contains("hunter22"), "{e}");
             assert!(!e.contains('\n'), "one line: {e}");
         }
     }

@@ -99,12 +99,7 @@ impl Config {
             routes: p
                 .neighbours
                 .values()
-                .map(|n| {
-                    (
-                        n.name.clone(),
-                        n.via.clone().unwrap_or_else(|| n.name.clone()),
-                    )
-                })
+                .map(|n| (n.name.clone(), n.next_hop.clone()))
                 .collect(),
             public_exchange: p.exchanges.public.clone(),
             max_hops: decide::MAX_HOPS,

@@ -441,6 +441,7 @@ mod tests {
         role = "admin"
         password_env = "PW_BOSS"
         [clusters.west]
+        broker = "amqp://east@west.example/"
     "#;
 
     fn inputs<'a>(
