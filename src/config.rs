@@ -268,6 +268,10 @@ pub struct Neighbour {
     /// A neighbour's broker, as the account this pump uses there; its `Display` hides
     /// the password.
     pub broker: Option<BrokerUrl>,
+    /// The query of `broker` as written (`?cacertfile=...&verify=verify_peer`): the shovel
+    /// gets it unchanged, since RabbitMQ's URI options (TLS ones above all) are more than
+    /// [`BrokerUrl`] keeps.
+    pub broker_options: Option<String>,
     /// The variable holding that account's password (else the URL's, else
     /// `credentials.conf`).
     pub password_env: Option<String>,
@@ -943,6 +947,12 @@ fn neighbours_from(
             }
             (None, Some(_)) => None,
         };
+        let broker_options = c
+            .broker
+            .as_deref()
+            .and_then(|t| url::Url::parse(t.trim()).ok())
+            .and_then(|u| u.query().map(str::to_owned))
+            .filter(|q| !q.is_empty());
         if broker.is_none() {
             for (field, set) in [
                 ("password_env", c.password_env.is_some()),
@@ -981,6 +991,7 @@ fn neighbours_from(
                 name,
                 via: c.via,
                 broker,
+                broker_options,
                 password_env: c.password_env,
                 reconnect_delay,
             },

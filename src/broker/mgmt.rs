@@ -220,6 +220,20 @@ pub struct ShovelSpec {
     pub reconnect_delay_s: Option<u32>,
     /// Unacknowledged messages in flight (`src-prefetch-count`); RabbitMQ default 1000.
     pub prefetch_count: Option<u32>,
+    /// The `user_id` property every message is published with
+    /// (`dest-publish-properties`). Set it to the destination account: a message keeps
+    /// the `user_id` its first publisher set, and the destination broker refuses a
+    /// `user_id` other than the connection's user, closing the channel, so one such
+    /// message would stop the shovel for good (it is retried first every time).
+    pub dest_user_id: Option<String>,
+}
+
+/// A shovel definition as the broker stores it (`/api/parameters/shovel`), read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShovelDefinition {
+    pub spec: ShovelSpec,
+    /// Keys of the definition that [`ShovelSpec`] does not set (someone else's settings).
+    pub other_keys: Vec<String>,
 }
 
 impl ShovelSpec {
@@ -241,7 +255,60 @@ impl ShovelSpec {
         if let Some(prefetch) = self.prefetch_count {
             v.insert("src-prefetch-count".into(), json!(prefetch));
         }
+        if let Some(user) = &self.dest_user_id {
+            v.insert("dest-publish-properties".into(), json!({ "user_id": user }));
+        }
         json!({ "value": v })
+    }
+
+    /// Reads back what [`to_value`](Self::to_value) wrote (the `value` object); keys it
+    /// does not write, or values of another shape, are listed in `other_keys`.
+    pub fn from_value(value: &Map<String, Value>) -> ShovelDefinition {
+        let mut spec = ShovelSpec::default();
+        let mut other_keys = Vec::new();
+        let text = |v: &Value| v.as_str().map(str::to_owned);
+        let number = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok());
+        for (key, v) in value {
+            let known = match key.as_str() {
+                "src-protocol" | "dest-protocol" => v.as_str() == Some("amqp091"),
+                "src-uri" => text(v).map(|t| spec.src_uri = t).is_some(),
+                "src-queue" => text(v).map(|t| spec.src_queue = t).is_some(),
+                "dest-uri" => text(v).map(|t| spec.dest_uri = t).is_some(),
+                "dest-exchange" => text(v).map(|t| spec.dest_exchange = t).is_some(),
+                "dest-exchange-key" => text(v).map(|t| spec.dest_exchange_key = Some(t)).is_some(),
+                "ack-mode" => match v.as_str() {
+                    Some("on-confirm") => {
+                        spec.ack_mode = AckMode::OnConfirm;
+                        true
+                    }
+                    Some("on-publish") => {
+                        spec.ack_mode = AckMode::OnPublish;
+                        true
+                    }
+                    Some("no-ack") => {
+                        spec.ack_mode = AckMode::NoAck;
+                        true
+                    }
+                    _ => false,
+                },
+                "reconnect-delay" => number(v)
+                    .map(|n| spec.reconnect_delay_s = Some(n))
+                    .is_some(),
+                "src-prefetch-count" => number(v).map(|n| spec.prefetch_count = Some(n)).is_some(),
+                "dest-publish-properties" => match v.as_object() {
+                    Some(props) if props.keys().all(|k| k == "user_id") => {
+                        spec.dest_user_id = props.get("user_id").and_then(text);
+                        props.is_empty() || spec.dest_user_id.is_some()
+                    }
+                    _ => false,
+                },
+                _ => false,
+            };
+            if !known {
+                other_keys.push(key.clone());
+            }
+        }
+        ShovelDefinition { spec, other_keys }
     }
 }
 
@@ -256,6 +323,7 @@ impl fmt::Debug for ShovelSpec {
             .field("ack_mode", &self.ack_mode)
             .field("reconnect_delay_s", &self.reconnect_delay_s)
             .field("prefetch_count", &self.prefetch_count)
+            .field("dest_user_id", &self.dest_user_id)
             .finish()
     }
 }
@@ -753,6 +821,43 @@ impl MgmtClient {
         Ok(list.into_iter().map(|p| p.name).collect())
     }
 
+    /// The dynamic shovels declared in `vhost` with their definitions. These hold the
+    /// destination passwords: for comparing, never for printing (`ShovelSpec`'s `Debug`
+    /// redacts them).
+    pub async fn list_shovel_definitions(
+        &self,
+        vhost: &str,
+    ) -> Result<Vec<(String, ShovelDefinition)>, MgmtError> {
+        seg("vhost", vhost)?;
+        #[derive(Deserialize)]
+        struct Param {
+            name: String,
+            // Any shape: a decoding error must never quote a definition (URIs).
+            #[serde(default)]
+            value: Value,
+        }
+        let list: Vec<Param> = self.get_json(&["parameters", "shovel", vhost]).await?;
+        let empty = Map::new();
+        Ok(list
+            .into_iter()
+            .map(|p| {
+                let definition = ShovelSpec::from_value(p.value.as_object().unwrap_or(&empty));
+                (p.name, definition)
+            })
+            .collect())
+    }
+
+    /// Restarts a dynamic shovel (it reconnects both ends); absent is fine.
+    pub async fn restart_shovel(&self, vhost: &str, name: &str) -> Result<(), MgmtError> {
+        seg("vhost", vhost)?;
+        self.delete(
+            &["shovels", "vhost", vhost, name, "restart"],
+            "shovel",
+            name,
+        )
+        .await
+    }
+
     /// Status of the shovels of one vhost, or of all vhosts with `None`.
     pub async fn list_shovel_status(
         &self,
@@ -1171,5 +1276,31 @@ mod tests {
         assert_eq!(v["value"]["reconnect-delay"], 5);
         assert!(v["value"].get("dest-exchange-key").is_none());
         assert!(v["value"].get("src-predeclared").is_none());
+        assert!(v["value"].get("dest-publish-properties").is_none());
+    }
+
+    #[test]
+    fn shovel_definitions_read_back_what_was_written() {
+        let s = ShovelSpec {
+            src_uri: "amqp:///v".into(),
+            src_queue: "q".into(),
+            dest_uri: "amqp://b:pw@h2/v".into(),
+            dest_exchange: "xs_b".into(),
+            dest_exchange_key: Some("k".into()),
+            ack_mode: AckMode::OnPublish,
+            reconnect_delay_s: Some(5),
+            prefetch_count: Some(100),
+            dest_user_id: Some("b".into()),
+        };
+        let v = s.to_value();
+        assert_eq!(v["value"]["dest-publish-properties"]["user_id"], "b");
+        let back = ShovelSpec::from_value(v["value"].as_object().unwrap());
+        assert_eq!(back.spec, s);
+        assert!(back.other_keys.is_empty());
+        let mut odd = v["value"].as_object().unwrap().clone();
+        odd.insert("add-forward-headers".into(), json!(true));
+        odd.insert("reconnect-delay".into(), json!("soon"));
+        let back = ShovelSpec::from_value(&odd);
+        assert_eq!(back.other_keys, ["add-forward-headers", "reconnect-delay"]);
     }
 }

@@ -242,10 +242,43 @@ pub fn watchdog_queue(config: &Config, feeder: &str) -> QueueShape {
 /// down gets its reports when it comes back.
 pub fn forward_queue(config: &Config, feeder: &str, cluster: &str) -> QueueShape {
     QueueShape {
-        name: format!("q_{feeder}.forward.{cluster}"),
+        name: format!("{}{cluster}", forward_queue_prefix(feeder)),
         arguments: base_args(config.route.queue_type),
         bindings: vec![(forward_exchange(cluster), "#".into())],
     }
+}
+
+/// What every shovel `setup` declares is named with: `pumpwatch.forward.<cluster>` (the
+/// reserved `pumpwatch.` space; `--prune` removes only shovels named so).
+pub const FORWARD_SHOVEL_PREFIX: &str = "pumpwatch.forward.";
+
+/// The dynamic shovel that drains [`forward_queue`] to neighbour `cluster` (SPEC §4.8).
+pub fn forward_shovel(cluster: &str) -> String {
+    format!("{FORWARD_SHOVEL_PREFIX}{cluster}")
+}
+
+/// The neighbour a shovel named by [`forward_shovel`] delivers to.
+pub fn forward_shovel_cluster(shovel: &str) -> Option<&str> {
+    shovel
+        .strip_prefix(FORWARD_SHOVEL_PREFIX)
+        .filter(|c| !c.is_empty())
+}
+
+/// `q_<feeder>.forward.`: every forward queue of this pump starts with it.
+pub fn forward_queue_prefix(feeder: &str) -> String {
+    format!("{}forward.", user_queue_prefix(feeder))
+}
+
+/// A shovel's source URI on this broker: `amqp:///<vhost>`, the node's own direct
+/// connection, which needs no account or password (the shovel runs inside the broker).
+pub fn local_shovel_uri(vhost: &str) -> String {
+    use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+    const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    format!("amqp:///{}", utf8_percent_encode(vhost, UNRESERVED))
 }
 
 /// The neighbours reports are sent to directly (those without `via`).

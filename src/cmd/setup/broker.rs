@@ -81,6 +81,11 @@ pub async fn fetch(
         .into_iter()
         .filter(|b| !b.source.is_empty())
         .collect();
+    actual.shovels = mgmt
+        .list_shovel_definitions(vhost)
+        .await?
+        .into_iter()
+        .collect();
     Ok(actual)
 }
 
@@ -191,6 +196,8 @@ async fn apply_one(mgmt: &MgmtClient, vhost: &str, change: &Change) -> Result<()
             mgmt.bind_exchange(vhost, &b.source, &b.destination, &b.key)
                 .await
         }
+        Change::PutShovel { name, spec, .. } => mgmt.put_shovel(vhost, name, spec).await,
+        Change::DeleteShovel(name) => mgmt.delete_shovel(vhost, name).await,
         Change::DeleteQueueIfEmpty(_) => Ok(()),
         Change::Unbind(b) => mgmt.delete_binding(vhost, b).await,
         Change::DeleteQueue(name) => mgmt.delete_queue(vhost, name).await,

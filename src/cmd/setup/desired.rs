@@ -9,8 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use super::sarracenia::Import;
+use crate::broker::mgmt::{AckMode, ShovelSpec};
 use crate::broker::names::{self, Arg, QueueShape};
-use crate::config::{Config, Role, User};
+use crate::config::{Config, Neighbour, Role, User};
 
 /// A password. `Debug` hides it; `Display` is not implemented on purpose.
 #[derive(Clone, PartialEq, Eq)]
@@ -157,6 +158,20 @@ pub struct DesiredQueue {
     pub arguments: Vec<(String, Arg)>,
 }
 
+/// The dynamic shovel that drains a neighbour's forward queue to it (SPEC §4.8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredShovel {
+    /// `pumpwatch.forward.<cluster>`.
+    pub name: String,
+    pub cluster: String,
+    /// `None` when no password is known for the account there; `Debug` hides it.
+    pub spec: Option<ShovelSpec>,
+    /// `q_<feeder>.forward.<cluster> -> amqp://account:****@host:port/vhost xs_<account>`.
+    pub shown: String,
+    /// How to give the password when it is missing.
+    pub password_hint: String,
+}
+
 /// The whole target state of one vhost.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Desired {
@@ -169,6 +184,10 @@ pub struct Desired {
     pub bindings: BTreeSet<Binding>,
     /// The fan-out of `xreport` (SPEC §3): the broker delivers each routed report.
     pub exchange_bindings: BTreeSet<ExchangeBinding>,
+    /// One shovel per neighbour, by name.
+    pub shovels: BTreeMap<String, DesiredShovel>,
+    /// `q_<feeder>.forward.`: forward queues of neighbours no longer declared are pruned.
+    pub forward_queue_prefix: String,
     /// Queues of earlier versions, removed once they are empty (never with messages).
     pub legacy_queues: Vec<String>,
     /// Never deleted by `--prune`: `guest`, the user running setup, the broker URL's user.
@@ -273,6 +292,16 @@ impl Desired {
             })
             .collect();
 
+        let shovels = config
+            .neighbours
+            .values()
+            .filter(|n| n.via.is_none())
+            .map(|n| {
+                let s = shovel(n, &config, &feeder, inputs);
+                (s.name.clone(), s)
+            })
+            .collect();
+
         let protected_users = ["guest", &inputs.running_user, &inputs.broker_user]
             .into_iter()
             .map(str::to_owned)
@@ -285,10 +314,99 @@ impl Desired {
             queues,
             bindings,
             exchange_bindings,
+            shovels,
+            forward_queue_prefix: names::forward_queue_prefix(&feeder),
             legacy_queues: vec![names::legacy_dispatch_queue(&feeder)],
             protected_users,
             prune: inputs.prune,
         }
+    }
+}
+
+/// How many reports a shovel has in flight, unconfirmed (RabbitMQ's default is 1000).
+pub const SHOVEL_PREFETCH: u32 = 1000;
+
+/// The shovel of neighbour `n`: from this pump's forward queue (read over the broker's
+/// own direct connection) to `xs_<account>` on the neighbour, as that account, each
+/// message keeping its routing key and headers, acked here only once the neighbour
+/// confirmed it.
+fn shovel(n: &Neighbour, config: &Config, feeder: &str, inputs: &Inputs<'_>) -> DesiredShovel {
+    let name = names::forward_shovel(&n.name);
+    let queue = names::forward_queue(config, feeder, &n.name).name;
+    let Some(url) = &n.broker else {
+        // Validated: a neighbour without `via` has a broker.
+        return DesiredShovel {
+            shown: queue,
+            name,
+            cluster: n.name.clone(),
+            spec: None,
+            password_hint: format!("give clusters.{}.broker", n.name),
+        };
+    };
+    let account = url.user();
+    let exchange = names::user_exchange(account);
+    let shown = format!("{queue} -> {url} {exchange}");
+    let from_env = n
+        .password_env
+        .as_deref()
+        .and_then(|var| (inputs.env)(var))
+        .filter(|p| !p.is_empty());
+    let password = from_env
+        .or_else(|| n.url_password().map(str::to_owned))
+        .or_else(|| {
+            inputs
+                .import
+                .and_then(|i| i.password_at(account, url.host()))
+                .map(str::to_owned)
+        });
+    let password_hint = match (&n.password_env, inputs.import.is_some()) {
+        (Some(var), false) => format!("set {var}"),
+        (Some(var), true) => format!(
+            "set {var} or add amqp://{account}:PASSWORD@{}/ to credentials.conf",
+            url.host()
+        ),
+        (None, true) => format!(
+            "add amqp://{account}:PASSWORD@{}/ to credentials.conf",
+            url.host()
+        ),
+        (None, false) => format!("give clusters.{}.password_env", n.name),
+    };
+    let spec = password.map(|password| ShovelSpec {
+        src_uri: names::local_shovel_uri(&inputs.vhost),
+        src_queue: queue,
+        dest_uri: with_options(
+            &url.with_credentials(account, &password).expose_password(),
+            n.broker_options.as_deref(),
+        ),
+        dest_exchange: exchange,
+        dest_exchange_key: None,
+        ack_mode: AckMode::OnConfirm,
+        reconnect_delay_s: Some(u32::try_from(n.reconnect_delay.as_secs()).unwrap_or(u32::MAX)),
+        prefetch_count: Some(SHOVEL_PREFETCH),
+        dest_user_id: Some(account.to_owned()),
+    });
+    DesiredShovel {
+        name,
+        cluster: n.name.clone(),
+        spec,
+        shown,
+        password_hint,
+    }
+}
+
+/// `uri` with its query replaced by the operator's own `options` (TLS settings and the
+/// like, which RabbitMQ's shovel understands and [`crate::broker::url::BrokerUrl`] does
+/// not keep).
+fn with_options(uri: &str, options: Option<&str>) -> String {
+    let Some(options) = options else {
+        return uri.to_owned();
+    };
+    match url::Url::parse(uri) {
+        Ok(mut u) => {
+            u.set_query(Some(options));
+            u.to_string()
+        }
+        Err(_) => uri.to_owned(),
     }
 }
 
@@ -605,5 +723,79 @@ mod tests {
         assert_eq!(d.cluster, "ddsr.cmc");
         // The first declared feeder (in name order) names the daemons' queues.
         assert!(d.queues.contains_key("q_feed.route.validate"));
+    }
+
+    #[test]
+    fn a_neighbour_gets_a_shovel_with_its_password_and_options() {
+        let config = Config::parse(
+            "[users.feed]\nrole = \"feeder\"\n\
+             [clusters.b]\nbroker = \"amqps://from-a@pump-b/b%2Fv?cacertfile=/etc/ca.pem&verify=verify_peer\"\n\
+             password_env = \"PW_B\"\nreconnect_delay = \"1m\"\n\
+             [clusters.c]\nbroker = \"amqp://from-a:in-url@pump-c/\"\n\
+             [clusters.d]\nbroker = \"amqp://from-a@pump-d/\"\n\
+             [clusters.far]\nvia = \"c\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        let mut import = Import::default();
+        super::super::sarracenia::parse_credentials(
+            "amqp://from-a:d-pw@pump-d/\namqp://from-a:wrong-host@pump-x/\n",
+            "credentials.conf",
+            &mut import,
+        )
+        .unwrap();
+        let env = |v: &str| (v == "PW_B").then(|| "p@ss/b".to_owned());
+        let mut i = inputs(&config, Some(&import), &env);
+        i.vhost = "pump/a".into();
+        let d = Desired::build(&i);
+        let names: Vec<&str> = d.shovels.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "pumpwatch.forward.b",
+                "pumpwatch.forward.c",
+                "pumpwatch.forward.d"
+            ]
+        );
+        let b = d.shovels["pumpwatch.forward.b"].spec.clone().unwrap();
+        assert_eq!(b.src_uri, "amqp:///pump%2Fa");
+        assert_eq!(b.src_queue, "q_feed.forward.b");
+        assert_eq!(
+            b.dest_uri,
+            "amqps://from-a:p%40ss%2Fb@pump-b:5671/b%2Fv?cacertfile=/etc/ca.pem&verify=verify_peer"
+        );
+        assert_eq!(b.dest_exchange, "xs_from-a");
+        assert_eq!(
+            b.dest_exchange_key, None,
+            "each message keeps its routing key"
+        );
+        assert_eq!(b.dest_user_id.as_deref(), Some("from-a"));
+        assert_eq!(b.ack_mode, AckMode::OnConfirm);
+        assert_eq!(b.reconnect_delay_s, Some(60));
+        let c = d.shovels["pumpwatch.forward.c"].spec.clone().unwrap();
+        assert_eq!(c.dest_uri, "amqp://from-a:in-url@pump-c:5672/%2F");
+        let dd = d.shovels["pumpwatch.forward.d"].spec.clone().unwrap();
+        assert!(
+            dd.dest_uri.contains(":d-pw@pump-d"),
+            "credentials.conf, same host only"
+        );
+        assert_eq!(
+            d.shovels["pumpwatch.forward.b"].shown,
+            "q_feed.forward.b -> amqps://from-a:****@pump-b:5671/b%2Fv xs_from-a"
+        );
+        assert!(!format!("{d:?}").contains("p%40ss"), "Debug hides them");
+
+        // Without any password: no spec, and how to give one.
+        let none = |_: &str| None;
+        let d = Desired::build(&inputs(&config, None, &none));
+        let b = &d.shovels["pumpwatch.forward.b"];
+        assert_eq!(
+            (b.spec.is_none(), b.password_hint.as_str()),
+            (true, "set PW_B")
+        );
+        assert_eq!(
+            d.shovels["pumpwatch.forward.d"].password_hint,
+            "give clusters.d.password_env"
+        );
     }
 }

@@ -12,13 +12,14 @@
 //! non-zero exit once everything else has been applied.
 //!
 //! Queue names and arguments come from [`crate::broker::names`], shared with the daemons.
-//! The §4.8 shovels (`xforward_<cluster>`, its queue and the dynamic shovel) are the
-//! next step: see the marks in [`desired::Desired`] and [`plan::plan`].
+//! Each neighbour (§4.8) gets `xforward_<cluster>`, its queue and a dynamic shovel to the
+//! neighbour's `xs_<account>`; [`status`] (`--status`) says whether the shovels run.
 
 pub mod broker;
 pub mod desired;
 pub mod plan;
 pub mod sarracenia;
+pub mod status;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -49,6 +50,10 @@ pub struct Args {
     /// conflicts.
     #[arg(long, value_name = "DIR")]
     pub from_sarracenia: Option<PathBuf>,
+    /// Change nothing: print the state of each neighbour's shovel (running, starting,
+    /// terminated: reason) and exit 1 if one is not running.
+    #[arg(long, conflicts_with_all = ["dry_run", "prune"])]
+    pub status: bool,
     /// The vhost to set up [default: the broker URL's, "/" if none].
     #[arg(long, value_name = "NAME")]
     pub vhost: Option<String>,
@@ -63,6 +68,8 @@ pub type EnvLookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 pub struct Config {
     pub dry_run: bool,
     pub prune: bool,
+    /// `--status`: report the shovels, change nothing.
+    pub status: bool,
     pub file: FileConfig,
     pub broker: BrokerUrl,
     pub admin_url: String,
@@ -77,6 +84,7 @@ impl std::fmt::Debug for Config {
         f.debug_struct("setup::Config")
             .field("dry_run", &self.dry_run)
             .field("prune", &self.prune)
+            .field("status", &self.status)
             .field("broker", &self.broker)
             .field("admin_url", &crate::broker::url::redact(&self.admin_url))
             .field("vhost", &self.vhost)
@@ -110,6 +118,7 @@ impl Config {
         Ok(Config {
             dry_run: args.dry_run,
             prune: args.prune,
+            status: args.status,
             file: common.file.clone(),
             broker: common.broker.clone(),
             admin_url: common.admin_url.clone(),
@@ -208,27 +217,44 @@ pub struct Summary {
     pub dry_run: bool,
 }
 
-/// `pumpwatch setup`: applies (or, with `--dry-run`, shows) the changes on stdout.
+/// `pumpwatch setup`: applies (or, with `--dry-run`, shows) the changes on stdout; with
+/// `--status`, prints the shovels' states and fails when one is not running.
 pub async fn run(cfg: Config, _shutdown: Shutdown) -> Result<(), Error> {
-    apply(&cfg, &mut std::io::stdout())
+    let out = &mut std::io::stdout();
+    if cfg.status {
+        let found = status::status(&cfg, out)
+            .await
+            .map_err(|e| Error::Failed(e.to_string()))?;
+        return match found.not_running() {
+            0 => Ok(()),
+            // The lines said which; the summary line too.
+            _ => Err(Error::Exit(1)),
+        };
+    }
+    apply(&cfg, out)
         .await
         .map(|_| ())
         .map_err(|e| Error::Failed(e.to_string()))
 }
 
-/// Plans and applies, one line of `out` per change.
-pub async fn apply(cfg: &Config, out: &mut dyn Write) -> Result<Summary, SetupError> {
-    let vhost = cfg.vhost.clone();
-    let desired = Desired::build(&Inputs {
+/// What the broker should hold, from the configuration, the import and the environment.
+fn desired_of(cfg: &Config) -> Desired {
+    Desired::build(&Inputs {
         config: &cfg.file,
         import: cfg.import.as_ref(),
         env: &*cfg.env,
-        vhost: vhost.clone(),
+        vhost: cfg.vhost.clone(),
         broker_user: cfg.broker.user().to_owned(),
         broker_host: Some(cfg.broker.host().to_owned()),
         running_user: cfg.mgmt.user().to_owned(),
         prune: cfg.prune,
-    });
+    })
+}
+
+/// Plans and applies, one line of `out` per change.
+pub async fn apply(cfg: &Config, out: &mut dyn Write) -> Result<Summary, SetupError> {
+    let vhost = cfg.vhost.clone();
+    let desired = desired_of(cfg);
     let mgmt = &cfg.mgmt;
     let actual = broker::fetch(mgmt, &cfg.admin_url, &desired)
         .await

@@ -13,8 +13,8 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
-use super::desired::{Binding, Desired, ExchangeBinding, Perms, Secret};
-use crate::broker::mgmt::BindingInfo;
+use super::desired::{Binding, Desired, DesiredShovel, ExchangeBinding, Perms, Secret};
+use crate::broker::mgmt::{BindingInfo, ShovelDefinition, ShovelSpec};
 use crate::broker::names::Arg;
 use crate::config::Role;
 
@@ -57,6 +57,8 @@ pub struct Actual {
     pub queues: BTreeMap<String, ActualQueue>,
     /// Queue and exchange bindings (not those of the default exchange).
     pub bindings: Vec<BindingInfo>,
+    /// Dynamic shovels of this vhost with their definitions (which hold passwords).
+    pub shovels: BTreeMap<String, ShovelDefinition>,
 }
 
 /// One difference to apply, or a [`Problem`](Change::Problem) to report.
@@ -90,6 +92,15 @@ pub enum Change {
     Bind(Binding),
     BindExchange(ExchangeBinding),
     Unbind(BindingInfo),
+    /// Declares (or replaces) a neighbour's shovel; `changed` as for permissions.
+    PutShovel {
+        name: String,
+        /// `queue -> amqp://account:****@host:port/vhost exchange`, for the line.
+        shown: String,
+        spec: ShovelSpec,
+        changed: Option<Vec<&'static str>>,
+    },
+    DeleteShovel(String),
     DeleteQueue(String),
     /// A queue of an earlier version: deleted only if the broker finds it empty.
     DeleteQueueIfEmpty(String),
@@ -166,6 +177,18 @@ impl fmt::Display for Change {
                 "- binding {} -> {} ({})",
                 b.source, b.destination, b.routing_key
             ),
+            Change::PutShovel {
+                name,
+                shown,
+                changed: None,
+                ..
+            } => write!(f, "+ shovel {name} ({shown})"),
+            Change::PutShovel {
+                name,
+                changed: Some(which),
+                ..
+            } => write!(f, "~ shovel {name} ({})", which.join(", ")),
+            Change::DeleteShovel(name) => write!(f, "- shovel {name}"),
             Change::DeleteQueue(name) => write!(f, "- queue {name}"),
             Change::DeleteQueueIfEmpty(name) => write!(f, "- queue {name} (no longer used)"),
             Change::DeleteExchange(name) => write!(f, "- exchange {name}"),
@@ -404,6 +427,9 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Vec<Change> {
             out.push(Change::BindExchange(b.clone()));
         }
     }
+    for s in desired.shovels.values() {
+        plan_shovel(s, actual.shovels.get(&s.name), &mut out);
+    }
     for name in &desired.legacy_queues {
         if actual.queues.contains_key(name) {
             out.push(Change::DeleteQueueIfEmpty(name.clone()));
@@ -412,6 +438,78 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Vec<Change> {
 
     if desired.prune {
         prune(desired, actual, &mut out);
+    }
+    out
+}
+
+/// A neighbour's shovel: declared when missing, replaced when its definition differs
+/// (a changed password included: the broker shows it, and a shovel with a stale one
+/// would never connect), a problem when no password is known.
+fn plan_shovel(s: &DesiredShovel, have: Option<&ShovelDefinition>, out: &mut Vec<Change>) {
+    let Some(spec) = &s.spec else {
+        let state = if have.is_some() {
+            "cannot be checked"
+        } else {
+            "cannot be declared"
+        };
+        out.push(Change::Problem(format!(
+            "shovel {} to {} {state}: no password for the account there: {}",
+            s.name, s.cluster, s.password_hint
+        )));
+        return;
+    };
+    let changed = match have {
+        None => None,
+        Some(have) => {
+            let which = shovel_differences(&have.spec, spec, &have.other_keys);
+            if which.is_empty() {
+                return;
+            }
+            Some(which)
+        }
+    };
+    out.push(Change::PutShovel {
+        name: s.name.clone(),
+        shown: s.shown.clone(),
+        spec: spec.clone(),
+        changed,
+    });
+}
+
+/// What differs between two shovel definitions, in words; never a password.
+fn shovel_differences(
+    have: &ShovelSpec,
+    want: &ShovelSpec,
+    other_keys: &[String],
+) -> Vec<&'static str> {
+    use crate::broker::url::redact;
+    let mut out = Vec::new();
+    if have.src_uri != want.src_uri || have.src_queue != want.src_queue {
+        out.push("source");
+    }
+    if redact(&have.dest_uri) != redact(&want.dest_uri) {
+        out.push("destination");
+    } else if have.dest_uri != want.dest_uri {
+        out.push("password");
+    }
+    if have.dest_exchange != want.dest_exchange || have.dest_exchange_key != want.dest_exchange_key
+    {
+        out.push("exchange");
+    }
+    if have.ack_mode != want.ack_mode {
+        out.push("ack mode");
+    }
+    if have.reconnect_delay_s != want.reconnect_delay_s {
+        out.push("reconnect delay");
+    }
+    if have.prefetch_count != want.prefetch_count {
+        out.push("prefetch");
+    }
+    if have.dest_user_id != want.dest_user_id {
+        out.push("user_id");
+    }
+    if !other_keys.is_empty() {
+        out.push("other settings");
     }
     out
 }
@@ -452,8 +550,19 @@ fn prune(desired: &Desired, actual: &Actual, out: &mut Vec<Change>) {
             out.push(Change::Unbind(b.clone()));
         }
     }
+    // Shovels of neighbours that are gone, then what they drained.
+    for name in actual.shovels.keys() {
+        if crate::broker::names::forward_shovel_cluster(name).is_some()
+            && !desired.shovels.contains_key(name)
+        {
+            out.push(Change::DeleteShovel(name.clone()));
+        }
+    }
     for (name, q) in &actual.queues {
-        if !desired.queues.contains_key(name) && is_retained_queue(name, q) {
+        let forward = name
+            .strip_prefix(&desired.forward_queue_prefix)
+            .is_some_and(|c| !c.is_empty());
+        if !desired.queues.contains_key(name) && (forward || is_retained_queue(name, q)) {
             out.push(Change::DeleteQueue(name.clone()));
         }
     }
@@ -588,6 +697,17 @@ mod tests {
                 destination_type: "exchange".into(),
                 ..binding(&b.source, &b.destination, &b.key)
             });
+        }
+        for s in d.shovels.values() {
+            if let Some(spec) = &s.spec {
+                a.shovels.insert(
+                    s.name.clone(),
+                    ShovelDefinition {
+                        spec: spec.clone(),
+                        other_keys: vec![],
+                    },
+                );
+            }
         }
         a
     }
@@ -893,5 +1013,151 @@ mod tests {
         assert_eq!(changes.len(), 2);
         let text = format!("{} {} {changes:?}", changes[0], changes[1]);
         assert!(!text.contains("sekrit"), "{text}");
+    }
+
+    const NEIGHBOURS: &str = r#"
+        cluster = "pump-a"
+        [users.feed]
+        role = "feeder"
+        password_env = "PW_FEED"
+        [clusters.pump-b]
+        broker = "amqp://from-a@pump-b:5672/b"
+        password_env = "PW_B"
+        [clusters.pump-c]
+        via = "pump-b"
+    "#;
+
+    fn with_neighbours(env: &dyn Fn(&str) -> Option<String>, prune: bool) -> Desired {
+        let config = Config::parse(NEIGHBOURS, "t.toml").unwrap();
+        Desired::build(&Inputs {
+            config: &config,
+            import: None,
+            env,
+            vhost: "pump".into(),
+            broker_user: "feed".into(),
+            broker_host: None,
+            running_user: "root".into(),
+            prune,
+        })
+    }
+
+    fn env_b(v: &str) -> Option<String> {
+        match v {
+            "PW_FEED" => Some("sekrit-feed".to_owned()),
+            "PW_B" => Some("sekrit-b".to_owned()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn shovels_are_declared_after_their_queue_and_updated_when_they_differ() {
+        let d = with_neighbours(&env_b, false);
+        let empty = Actual {
+            vhost_exists: true,
+            ..Actual::default()
+        };
+        let got = lines(&plan(&d, &empty));
+        let shovel = "+ shovel pumpwatch.forward.pump-b (q_feed.forward.pump-b -> \
+                      amqp://from-a:****@pump-b:5672/b xs_from-a)";
+        let at = got
+            .iter()
+            .position(|l| l == shovel)
+            .unwrap_or_else(|| panic!("{got:#?}"));
+        let queue = got
+            .iter()
+            .position(|l| l == "+ queue q_feed.forward.pump-b")
+            .unwrap();
+        let binding = got
+            .iter()
+            .position(|l| l == "+ binding xforward_pump-b -> q_feed.forward.pump-b (#)")
+            .unwrap();
+        assert!(at > queue && at > binding, "{got:#?}");
+        assert_eq!(
+            got.iter().filter(|l| l.contains("shovel")).count(),
+            1,
+            "none via"
+        );
+        assert!(!format!("{got:?} {:?}", plan(&d, &empty)).contains("sekrit"));
+
+        assert!(plan(&d, &matching(&d)).is_empty());
+        type Tweak = fn(&mut ShovelDefinition);
+        let table: &[(Tweak, &str)] = &[
+            (
+                |s| s.spec.dest_uri = s.spec.dest_uri.replace("sekrit-b", "old"),
+                "~ shovel pumpwatch.forward.pump-b (password)",
+            ),
+            (
+                |s| s.spec.dest_uri = s.spec.dest_uri.replace("pump-b:5672", "old:5672"),
+                "~ shovel pumpwatch.forward.pump-b (destination)",
+            ),
+            (
+                |s| {
+                    s.spec.reconnect_delay_s = Some(1);
+                    s.other_keys.push("add-forward-headers".into());
+                },
+                "~ shovel pumpwatch.forward.pump-b (reconnect delay, other settings)",
+            ),
+            (
+                |s| {
+                    s.spec.ack_mode = crate::broker::mgmt::AckMode::NoAck;
+                    s.spec.dest_user_id = None;
+                    s.spec.src_queue = "q".into();
+                },
+                "~ shovel pumpwatch.forward.pump-b (source, ack mode, user_id)",
+            ),
+        ];
+        for (tweak, want) in table {
+            let mut a = matching(&d);
+            tweak(a.shovels.get_mut("pumpwatch.forward.pump-b").unwrap());
+            let changes = plan(&d, &a);
+            assert_eq!(lines(&changes), [*want]);
+            let Change::PutShovel { spec, .. } = &changes[0] else {
+                panic!("{changes:?}")
+            };
+            assert_eq!(
+                Some(spec),
+                d.shovels["pumpwatch.forward.pump-b"].spec.as_ref()
+            );
+        }
+    }
+
+    #[test]
+    fn a_shovel_without_a_password_is_a_problem() {
+        let d = with_neighbours(&|v| (v == "PW_FEED").then(|| "f".to_owned()), false);
+        let a = matching(&d);
+        assert_eq!(
+            lines(&plan(&d, &a)),
+            [
+                "! shovel pumpwatch.forward.pump-b to pump-b cannot be declared: no password for \
+              the account there: set PW_B"
+            ]
+        );
+        // Declared earlier, with a password this run does not know.
+        let a = matching(&with_neighbours(&env_b, false));
+        assert!(lines(&plan(&d, &a))[0].contains("cannot be checked"));
+    }
+
+    #[test]
+    fn prune_removes_shovels_and_queues_of_neighbours_that_are_gone() {
+        let d = with_neighbours(&env_b, true);
+        let mut a = matching(&d);
+        let old = a.shovels["pumpwatch.forward.pump-b"].clone();
+        a.shovels
+            .insert("pumpwatch.forward.gone".into(), old.clone());
+        a.shovels.insert("theirs".into(), old);
+        let q = ActualQueue {
+            durable: true,
+            arguments: Map::new(),
+        };
+        a.queues.insert("q_feed.forward.gone".into(), q.clone());
+        a.queues.insert("q_other.forward.gone".into(), q);
+        assert_eq!(
+            lines(&plan(&d, &a)),
+            [
+                "- shovel pumpwatch.forward.gone",
+                "- queue q_feed.forward.gone"
+            ]
+        );
+        assert!(plan(&with_neighbours(&env_b, false), &a).is_empty());
     }
 }

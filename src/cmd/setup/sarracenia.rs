@@ -80,6 +80,18 @@ impl Import {
     }
 }
 
+impl Import {
+    /// The password of `user` for the broker on `host` only (a neighbour's account:
+    /// another host's line is another broker's password).
+    pub fn password_at(&self, user: &str, host: &str) -> Option<&str> {
+        self.credentials
+            .get(user)?
+            .iter()
+            .find(|c| c.host.eq_ignore_ascii_case(host))
+            .map(|c| c.password.as_str())
+    }
+}
+
 /// The account names pumpwatch accepts: the configuration's rule
 /// ([`crate::config::is_valid_name`], no dots).
 pub fn valid_user_name(name: &str) -> bool {
