@@ -129,6 +129,15 @@ impl TestVhost {
         }
     }
 
+    /// `<user_prefix><name>`, deleted on drop like the users of
+    /// [`add_user`](Self::add_user), but not created here: for users the code under test
+    /// makes (`setup`).
+    pub fn adopt_user(&self, name: &str) -> String {
+        let full = format!("{}{name}", self.user_prefix);
+        self.users.lock().unwrap().push(full.clone());
+        full
+    }
+
     /// An AMQP URL for this vhost with other credentials.
     pub fn amqp_url_as(&self, user: &str, password: &str) -> String {
         amqp_url(user, password, &self.name)

@@ -302,6 +302,7 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Vec<Change> {
         out.push(Change::CreateVhost(desired.vhost.clone()));
     }
 
+    let mut after_bindings = Vec::new();
     for u in desired.users.values() {
         match actual.users.get(&u.name) {
             None => match &u.password {
@@ -349,18 +350,26 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Vec<Change> {
                 }
             }
         }
-        match actual.permissions.get(&u.name) {
-            None => out.push(Change::SetPermissions {
+        let change = match actual.permissions.get(&u.name) {
+            None => Some(Change::SetPermissions {
                 user: u.name.clone(),
                 perms: u.perms.clone(),
                 changed: None,
             }),
-            Some(have) if *have != u.perms => out.push(Change::SetPermissions {
+            Some(have) if *have != u.perms => Some(Change::SetPermissions {
                 user: u.name.clone(),
                 perms: u.perms.clone(),
                 changed: Some(have.differences(&u.perms)),
             }),
-            Some(_) => {}
+            Some(_) => None,
+        };
+        // A neighbour's shovel connects as soon as its account may use the vhost, and
+        // what it publishes to an exchange not yet bound to route's queue is dropped
+        // (and confirmed): its permissions come once the queues and bindings are there.
+        match change {
+            Some(c) if u.role == Role::Cluster => after_bindings.push(c),
+            Some(c) => out.push(c),
+            None => {}
         }
     }
 
@@ -427,6 +436,7 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Vec<Change> {
             out.push(Change::BindExchange(b.clone()));
         }
     }
+    out.append(&mut after_bindings);
     for s in desired.shovels.values() {
         plan_shovel(s, actual.shovels.get(&s.name), &mut out);
     }
@@ -1119,6 +1129,39 @@ mod tests {
                 d.shovels["pumpwatch.forward.pump-b"].spec.as_ref()
             );
         }
+    }
+
+    #[test]
+    fn a_neighbours_account_may_use_the_vhost_only_once_it_is_bound() {
+        let config = Config::parse(
+            "[users.feed]\nrole = \"feeder\"\npassword_env = \"P\"\n\
+             [users.from-b]\nrole = \"cluster\"\npassword_env = \"P\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        let env = |_: &str| Some("pw".to_owned());
+        let d = Desired::build(&Inputs {
+            config: &config,
+            import: None,
+            env: &env,
+            vhost: "pump".into(),
+            broker_user: "feed".into(),
+            broker_host: None,
+            running_user: "root".into(),
+            prune: false,
+        });
+        let got = lines(&plan(&d, &Actual::default()));
+        let at = |l: &str| {
+            got.iter()
+                .position(|g| g == l)
+                .unwrap_or_else(|| panic!("{l}: {got:#?}"))
+        };
+        assert!(at("+ user from-b (cluster)") < at("+ exchange xs_from-b"));
+        assert!(at("+ permissions feed") < at("+ exchange xs_from-b"));
+        assert!(
+            at("+ binding xs_from-b -> q_feed.route.validate (#)") < at("+ permissions from-b")
+        );
+        assert_eq!(got.last().unwrap(), "+ permissions from-b");
     }
 
     #[test]
