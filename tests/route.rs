@@ -564,3 +564,119 @@ async fn nothing_lost_when_route_is_killed() {
 async fn nothing_lost_when_connections_are_closed() {
     nothing_lost("routeclose", false).await;
 }
+
+/// The configuration of `p` as a file, for route as a real process.
+fn config_file(p: &Pump, dir: &std::path::Path) -> String {
+    let mut toml = String::new();
+    for u in p.config.users.values() {
+        toml.push_str(&format!(
+            "[users.\"{}\"]\nrole = \"{}\"\n",
+            u.name,
+            u.role.name()
+        ));
+    }
+    let path = dir.join("pumpwatch.toml");
+    std::fs::write(&path, toml).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+fn peak_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// 40 messages of 5 MB each amid normal traffic: route never holds them (it reads them off
+/// the socket and keeps 64 KiB of each as evidence), rejects each as too large with its
+/// size, routes everything else, and its peak memory stays far below 40 × 5 MB.
+#[tokio::test]
+async fn huge_messages_are_rejected_without_being_held() {
+    let Some(p) = pump("routehuge").await else {
+        return;
+    };
+    let url = p.vh.amqp_url.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_file(&p, dir.path());
+    let args = ["--config", cfg.as_str(), "--broker", url.as_str(), "route"];
+    let routed = common::proc::spawn(&args);
+    route_ready(&p).await;
+    let (_c1, radar) = watch(&url, &names::source_exchange(&p.radar), "obs.radar").await;
+    let (_c2, rejected) = watch(&url, "xrejected", "obs.rejected").await;
+    let cfs = p.cfs.name.clone();
+    let mut msgs = Vec::new();
+    for i in 0..40 {
+        let mut m = emit(&report(&p.radar, &cfs, i, 201), Format::V02);
+        m.body.resize(5 << 20, b' ');
+        msgs.push(m);
+        msgs.push(emit(&report(&p.radar, &cfs, 1000 + i, 201), Format::V02));
+    }
+    publish_all(&p.cfs.amqp_url, &names::user_exchange(&cfs), &msgs).await;
+    wait_count(&radar, 40, "the 40 normal reports on xr_radar").await;
+    wait_count(&rejected, 40, "the 40 huge ones on xrejected").await;
+    let rss_mb = peak_rss_kb(routed.pid().unwrap()) / 1024;
+    routed.signal("TERM");
+    let (code, _, err) = routed.finish(Duration::from_secs(10)).await;
+    assert_eq!(code, 0, "{err}");
+    for (_, h, body) in rejected.0.lock().unwrap().iter() {
+        assert!(
+            h.get_str(names::H_REASON)
+                .unwrap_or("")
+                .starts_with("too large"),
+            "{h:?}"
+        );
+        assert_eq!(
+            h.get("pumpwatch_size").and_then(|v| v.as_i64()),
+            Some(5 << 20)
+        );
+        assert_eq!(body.len(), 64 * 1024);
+    }
+    println!("route peak RSS with 40 x 5 MB messages: {rss_mb} MB");
+    assert!(rss_mb < 100, "route held the bodies: peak RSS {rss_mb} MB");
+}
+
+/// Publishing to xreport refused for good (route's write permission taken away): each
+/// report goes to xrejected with the broker's reason, the queue never sticks. Then the
+/// permission back and xreport deleted under route: route declares it again and routes on.
+#[tokio::test]
+async fn refused_outputs_go_to_xrejected_and_a_deleted_exchange_comes_back() {
+    let Some(p) = pump("routerefused").await else {
+        return;
+    };
+    let (shutdown, handle, counters) = start_route(&p);
+    route_ready(&p).await;
+    let url = p.vh.amqp_url.as_str();
+    let (_c1, radar) = watch(url, &names::source_exchange(&p.radar), "obs.radar").await;
+    let (_c2, rejected) = watch(url, "xrejected", "obs.rejected").await;
+    let cfs = p.cfs.name.clone();
+    // Route runs as guest here: take its right to write anything but xrejected.
+    let (m, v) = (&p.vh.mgmt, &p.vh.name);
+    m.put_permissions(v, "guest", ".*", "^xrejected$", ".*")
+        .await
+        .unwrap();
+    let first: Vec<Outgoing> = (0..20)
+        .map(|i| emit(&report(&p.radar, &cfs, i, 201), Format::V02))
+        .collect();
+    publish_all(&p.cfs.amqp_url, &names::user_exchange(&cfs), &first).await;
+    wait_count(&rejected, 20, "20 refused reports on xrejected").await;
+    for (_, h, _) in rejected.0.lock().unwrap().iter() {
+        let reason = h.get_str(names::H_REASON).unwrap_or("");
+        assert!(reason.starts_with("refused: 403"), "{reason}");
+    }
+    assert_eq!(radar.len(), 0);
+    m.put_permissions(v, "guest", ".*", ".*", ".*")
+        .await
+        .unwrap();
+    m.delete_exchange(v, "xreport").await.unwrap();
+    let second: Vec<Outgoing> = (100..120)
+        .map(|i| emit(&report(&p.radar, &cfs, i, 201), Format::V02))
+        .collect();
+    publish_all(&p.cfs.amqp_url, &names::user_exchange(&cfs), &second).await;
+    wait_count(&radar, 20, "20 reports on xr_radar after xreport came back").await;
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
+    assert_eq!(counters.get("refused"), 20);
+    assert_eq!(counters.get("routed"), 20);
+}
