@@ -261,7 +261,7 @@ impl ShovelSpec {
         json!({ "value": v })
     }
 
-    /// Reads back what [`to_value`](Self::to_value) wrote (the `value` object); keys it
+    /// Reads back what `put_shovel` wrote (the `value` object); keys it
     /// does not write, or values of another shape, are listed in `other_keys`.
     pub fn from_value(value: &Map<String, Value>) -> ShovelDefinition {
         let mut spec = ShovelSpec::default();

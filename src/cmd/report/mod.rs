@@ -34,6 +34,10 @@ pub struct Args {
     /// The product's source.
     #[arg(long)]
     pub source: Option<String>,
+    /// The pump the product was announced on (its from_cluster); a report on another
+    /// pump's product is forwarded there by route.
+    #[arg(long, value_name = "CLUSTER")]
+    pub from_cluster: Option<String>,
     /// The consumer account reporting (default: the broker user).
     #[arg(long)]
     pub client: Option<String>,
@@ -80,6 +84,17 @@ impl Config {
                 "invalid --duration: must be a finite number of seconds",
             ));
         }
+        if let Some(c) = a
+            .from_cluster
+            .as_deref()
+            .filter(|c| !crate::config::is_valid_cluster_name(c))
+        {
+            return Err(UsageError(format!(
+                "invalid --from-cluster {}: {}",
+                crate::core::text::quoted(c),
+                crate::config::CLUSTER_RULE
+            )));
+        }
         let user = common.broker.user();
         let report = Report {
             format: Format::V02,
@@ -94,7 +109,7 @@ impl Config {
             user: Some(a.client.unwrap_or_else(|| user.to_owned())),
             duration_s: a.duration.or(Some(0.0)),
             source: a.source,
-            from_cluster: None,
+            from_cluster: a.from_cluster,
             to_clusters: vec![],
             flow: a.flow,
             size_bytes: a.size,
@@ -171,4 +186,24 @@ pub async fn publish(cfg: &Config) -> Result<Published, Error> {
         exchange: cfg.exchange.clone(),
         routing_key: out.routing_key,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_cluster_is_a_cluster_name() {
+        let common = Common::with_broker(crate::config::Config::default(), &BrokerUrl::default());
+        let args = |c: &str| Args {
+            code: 201,
+            relpath: "a/b".into(),
+            from_cluster: Some(c.into()),
+            ..Args::default()
+        };
+        let cfg = Config::from_args(args("ddsr.cmc"), &common).unwrap();
+        assert_eq!(cfg.report.from_cluster.as_deref(), Some("ddsr.cmc"));
+        let e = Config::from_args(args("a b\u{1b}[2J"), &common).unwrap_err();
+        assert!(e.to_string().contains("--from-cluster") && !e.to_string().contains('\u{1b}'));
+    }
 }

@@ -164,6 +164,8 @@ pub struct DesiredShovel {
     /// `pumpwatch.forward.<cluster>`.
     pub name: String,
     pub cluster: String,
+    /// The queue it drains, `q_<feeder>.forward.<cluster>`.
+    pub queue: String,
     /// `None` when no password is known for the account there; `Debug` hides it.
     pub spec: Option<ShovelSpec>,
     /// `q_<feeder>.forward.<cluster> -> amqp://account:****@host:port/vhost xs_<account>`.
@@ -336,7 +338,8 @@ fn shovel(n: &Neighbour, config: &Config, feeder: &str, inputs: &Inputs<'_>) -> 
     let Some(url) = &n.broker else {
         // Validated: a neighbour without `via` has a broker.
         return DesiredShovel {
-            shown: queue,
+            shown: queue.clone(),
+            queue,
             name,
             cluster: n.name.clone(),
             spec: None,
@@ -373,7 +376,7 @@ fn shovel(n: &Neighbour, config: &Config, feeder: &str, inputs: &Inputs<'_>) -> 
     };
     let spec = password.map(|password| ShovelSpec {
         src_uri: names::local_shovel_uri(&inputs.vhost),
-        src_queue: queue,
+        src_queue: queue.clone(),
         dest_uri: with_options(
             &url.with_credentials(account, &password).expose_password(),
             n.broker_options.as_deref(),
@@ -388,6 +391,7 @@ fn shovel(n: &Neighbour, config: &Config, feeder: &str, inputs: &Inputs<'_>) -> 
     DesiredShovel {
         name,
         cluster: n.name.clone(),
+        queue,
         spec,
         shown,
         password_hint,

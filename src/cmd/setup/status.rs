@@ -66,13 +66,13 @@ pub async fn status(cfg: &Config, out: &mut dyn Write) -> Result<Status, SetupEr
     };
     let mut shovels = Vec::new();
     for s in desired.shovels.values() {
-        let waiting = match s.spec.as_ref().filter(|_| vhost_exists) {
-            Some(spec) => mgmt
-                .get_queue(&desired.vhost, &spec.src_queue)
+        let waiting = if vhost_exists {
+            mgmt.get_queue(&desired.vhost, &s.queue)
                 .await
                 .map_err(read)?
-                .map(|q| q.messages),
-            None => None,
+                .map(|q| q.messages)
+        } else {
+            None
         };
         let state = states.iter().find(|st| st.name == s.name);
         shovels.push(describe(
@@ -197,6 +197,7 @@ mod tests {
         DesiredShovel {
             name: "pumpwatch.forward.b".into(),
             cluster: "b".into(),
+            queue: "q_feed.forward.b".into(),
             spec: None,
             shown: "q_feed.forward.b -> amqp://a:****@h:5672/b xs_a".into(),
             password_hint: String::new(),
