@@ -476,9 +476,7 @@ async fn reports_cross_two_pumps_once_each_and_wait_for_a_stopped_route() {
         let out = p.setup().await;
         assert_eq!(out, "setup: no change (broker matches the topology)\n");
     }
-    for p in [&mut a, &mut b, &mut c] {
-        p.stop_route().await;
-    }
+    tokio::join!(a.stop_route(), b.stop_route(), c.stop_route());
 }
 
 #[tokio::test]
@@ -574,9 +572,7 @@ async fn a_pump_that_vanishes_gets_its_reports_when_it_is_back() {
     let count = check_arrivals(&all, &sent, &|_| cli.clone(), &src);
     assert_eq!(count.len(), 300, "nothing lost");
     assert!(count.values().all(|n| *n == 1), "no duplicate either");
-    for p in [&mut a, &mut b, &mut c] {
-        p.stop_route().await;
-    }
+    tokio::join!(a.stop_route(), b.stop_route(), c.stop_route());
 }
 
 /// A queue of the test's own on `exchange` of pump `p`, as guest.
@@ -678,6 +674,5 @@ async fn a_loop_in_the_via_routes_ends_at_the_hop_limit() {
         );
     }
     assert_eq!(x_rej.len(), 0);
-    x.stop_route().await;
-    y.stop_route().await;
+    tokio::join!(x.stop_route(), y.stop_route());
 }
