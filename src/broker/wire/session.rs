@@ -165,8 +165,10 @@ pub struct Session {
     /// publishing one (frames of different channels may interleave).
     delivering: Option<Partial>,
     returning: Option<Partial>,
-    max_keep: usize,
     /// Every frame of the content of a message is read, but at most this much body kept.
+    max_keep: usize,
+    /// The consumer's tag, to cancel it.
+    consumer_tag: String,
     url: String,
 }
 
@@ -214,6 +216,7 @@ impl Session {
             delivering: None,
             returning: None,
             max_keep,
+            consumer_tag: String::new(),
             url: shown.clone(),
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, s.handshake(url, name)).await {
@@ -331,6 +334,7 @@ impl Session {
             b.u8(0);
         });
         let tag = format!("pumpwatch.route.{:08x}", rand::random::<u32>());
+        self.consumer_tag = tag.clone();
         write_method(&mut self.wbuf, ch, 60, 20, |b| {
             b.u16(0);
             b.shortstr(queue.as_bytes());
@@ -365,9 +369,10 @@ impl Session {
     /// Stops the consumer: no more deliveries once the broker reads this (those already
     /// sent still arrive).
     pub fn cancel(&mut self) {
+        let tag = std::mem::take(&mut self.consumer_tag);
         write_method(&mut self.wbuf, self.consume_ch, 60, 30, |b| {
-            b.shortstr(b"");
-            b.u8(1);
+            b.shortstr(tag.as_bytes());
+            b.u8(1); // no-wait
         });
     }
 

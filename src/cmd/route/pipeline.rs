@@ -202,6 +202,10 @@ impl Pipeline {
                 _ = self.shutdown.cancelled(), if stop_at.is_none() => {
                     // Stop taking new messages; settle what is held, within the bound.
                     s.cancel();
+                    if inflight.is_empty() {
+                        let _ = s.flush().await;
+                        return End::Stopped;
+                    }
                     stop_at = Some(Instant::now() + self.drain);
                     continue;
                 }
