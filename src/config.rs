@@ -182,6 +182,12 @@ struct RawSpeedo {
 struct RawServe {
     listen: Option<String>,
     history: Option<RawDuration>,
+    auth: Option<AuthMode>,
+    login_cache: Option<RawDuration>,
+    metrics_token_env: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -328,6 +334,46 @@ pub struct SpeedoSettings {
 pub struct ServeSettings {
     pub listen: String,
     pub history: Duration,
+    /// Who may look (`serve --auth`).
+    pub auth: AuthMode,
+    /// How long a login the broker accepted is remembered (0: ask every time).
+    pub login_cache: Duration,
+    /// The environment variable holding the bearer token `/metrics` also accepts (never
+    /// the token itself in the file).
+    pub metrics_token_env: Option<String>,
+    /// PEM certificate chain and private key: serve HTTPS itself.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (for the login limits).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+}
+
+/// How `serve` tells who is looking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// HTTP Basic with the person's own pump account, checked against the broker.
+    #[default]
+    Broker,
+    /// Nobody logs in and everyone sees everything: only for a loopback address, or a
+    /// pump that declares no users.
+    None,
+}
+
+impl AuthMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMode::Broker => "broker",
+            AuthMode::None => "none",
+        }
+    }
+}
+
+/// An environment variable name: `[A-Za-z_][A-Za-z0-9_]*`, at most 128 bytes.
+pub fn is_valid_env_name(name: &str) -> bool {
+    name.len() <= 128
+        && name.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// When `archive` makes what it wrote durable before it acks.
@@ -586,10 +632,7 @@ impl Config {
                 max_inflight_bytes: raw.route.max_inflight_bytes.unwrap_or(64 << 20),
             },
             speedo,
-            serve: ServeSettings {
-                listen: raw.serve.listen.unwrap_or_else(|| "127.0.0.1:8080".into()),
-                history: dur("serve.history", raw.serve.history, 3600)?,
-            },
+            serve: serve_from(raw.serve, file)?,
             archive,
             watchdog,
         })
@@ -705,6 +748,60 @@ fn key_at(text: &str, line: usize) -> Option<String> {
     Some(match table {
         Some(t) => format!("{t}.{key}"),
         None => key.to_owned(),
+    })
+}
+
+fn serve_from(raw: RawServe, file: &str) -> Result<ServeSettings, ConfigError> {
+    let bad = |key: &str, reason: String| ConfigError::Value {
+        file: file.to_owned(),
+        key: format!("serve.{key}"),
+        reason,
+    };
+    let dur = |key: &str, v: Option<RawDuration>, default: u64| match v {
+        Some(d) => d.get().map_err(|r| bad(key, r)),
+        None => Ok(Duration::from_secs(default)),
+    };
+    let login_cache = dur("login_cache", raw.login_cache, 60)?;
+    if login_cache > Duration::from_secs(3600) {
+        return Err(bad(
+            "login_cache",
+            "at most 3600 s: a changed password must stop working soon".into(),
+        ));
+    }
+    if let Some(v) = &raw.metrics_token_env
+        && !is_valid_env_name(v)
+    {
+        return Err(bad(
+            "metrics_token_env",
+            format!(
+                "{} is not an environment variable name (the token goes in the environment, not in this file)",
+                crate::core::text::quoted(v)
+            ),
+        ));
+    }
+    match (&raw.tls_cert, &raw.tls_key) {
+        (Some(_), None) => return Err(bad("tls_key", "tls_cert needs tls_key too".into())),
+        (None, Some(_)) => return Err(bad("tls_cert", "tls_key needs tls_cert too".into())),
+        _ => {}
+    }
+    let mut trusted_proxies = Vec::new();
+    for p in raw.trusted_proxies.unwrap_or_default() {
+        trusted_proxies.push(p.parse().map_err(|_| {
+            bad(
+                "trusted_proxies",
+                format!("{} is not an IP address", crate::core::text::quoted(&p)),
+            )
+        })?);
+    }
+    Ok(ServeSettings {
+        listen: raw.listen.unwrap_or_else(|| "127.0.0.1:8080".into()),
+        history: dur("history", raw.history, 3600)?,
+        auth: raw.auth.unwrap_or_default(),
+        login_cache,
+        metrics_token_env: raw.metrics_token_env,
+        tls_cert: raw.tls_cert,
+        tls_key: raw.tls_key,
+        trusted_proxies,
     })
 }
 
@@ -1417,6 +1514,33 @@ interval = "1m"
             .archive
             .unwrap();
         assert_eq!((a.fsync, a.batch), (Fsync::EveryBatch, ARCHIVE_BATCH));
+    }
+
+    #[test]
+    fn serve_table() {
+        let c = Config::parse(
+            "[serve]\nauth = \"none\"\nlogin_cache = 30\nmetrics_token_env = \"PW_METRICS\"\n\
+             tls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\ntrusted_proxies = [\"127.0.0.1\", \"::1\"]\n",
+            "t.toml",
+        )
+        .unwrap()
+        .serve;
+        assert_eq!(c.auth, AuthMode::None);
+        assert_eq!(c.login_cache, Duration::from_secs(30));
+        assert_eq!(c.metrics_token_env.as_deref(), Some("PW_METRICS"));
+        assert_eq!(c.trusted_proxies.len(), 2);
+        let d = Config::default().serve;
+        assert_eq!((d.auth, d.login_cache), (AuthMode::Broker, Duration::from_secs(60)));
+        for (text, key) in [
+            ("[serve]\nauth = \"maybe\"", "serve.auth"),
+            ("[serve]\nmetrics_token_env = \"s3cret token\"", "serve.metrics_token_env"),
+            ("[serve]\ntls_cert = \"/c.pem\"", "serve.tls_key"),
+            ("[serve]\ntrusted_proxies = [\"proxy\"]", "serve.trusted_proxies"),
+            ("[serve]\nlogin_cache = 7200", "serve.login_cache"),
+        ] {
+            let e = Config::parse(text, "t.toml").unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("t.toml"), "{text}: {e}");
+        }
     }
 
     #[test]

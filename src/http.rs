@@ -16,7 +16,13 @@
 //!   held, so the descriptors stay bounded however fast a flood connects; the accept
 //!   queue is deep (4096, or the kernel's `somaxconn`) so a burst delays a real client
 //!   rather than dropping its connection attempt;
-//! - a header size bound and graceful shutdown (in-flight responses finish, streams end).
+//! - a header size bound and graceful shutdown (in-flight responses finish, streams end);
+//! - optionally HTTPS ([`Tls`], rustls): the handshake is part of the header deadline, a
+//!   connection in its handshake counts as idle for the cap, and `Tls::reload` takes a
+//!   renewed certificate without a restart.
+//!
+//! Every request carries its TCP peer as `axum::extract::ConnectInfo<SocketAddr>` (for
+//! per-address limits).
 
 use crate::cmd::Error;
 use crate::shutdown::Shutdown;
@@ -28,6 +34,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -62,6 +69,89 @@ impl Default for Limits {
 pub struct Listener {
     inner: TcpListener,
     limits: Limits,
+    tls: Option<Tls>,
+}
+
+/// A certificate that cannot be served: which file, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("TLS {file}: {reason}")]
+pub struct TlsError {
+    pub file: String,
+    pub reason: String,
+}
+
+/// What an HTTPS listener presents: a PEM certificate chain and its private key, read
+/// again by [`Tls::reload`] (a renewed certificate, without a restart).
+#[derive(Clone)]
+pub struct Tls {
+    cert: PathBuf,
+    key: PathBuf,
+    current: Arc<std::sync::RwLock<Arc<rustls::ServerConfig>>>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl Tls {
+    /// Reads and checks both files (the key must match the certificate).
+    pub fn load(cert: &Path, key: &Path) -> Result<Tls, TlsError> {
+        let config = Tls::read(cert, key)?;
+        Ok(Tls {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            current: Arc::new(std::sync::RwLock::new(Arc::new(config))),
+        })
+    }
+
+    /// Reads the files again; on an error the certificate served so far stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let config = Tls::read(&self.cert, &self.key)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
+        Ok(())
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let config = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        tokio_rustls::TlsAcceptor::from(config)
+    }
+
+    fn read(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, TlsError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let err = |file: &Path, reason: String| TlsError {
+            file: file.display().to_string(),
+            reason,
+        };
+        let cert_pem = std::fs::read(cert).map_err(|e| err(cert, e.to_string()))?;
+        let chain = CertificateDer::pem_slice_iter(&cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| err(cert, format!("not a PEM certificate chain ({e})")))?;
+        if chain.is_empty() {
+            return Err(err(cert, "holds no CERTIFICATE".into()));
+        }
+        let key_pem = std::fs::read(key).map_err(|e| err(key, e.to_string()))?;
+        let private = PrivateKeyDer::from_pem_slice(&key_pem)
+            .map_err(|e| err(key, format!("no PEM private key ({e})")))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| err(cert, e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(chain, private)
+            .map_err(|e| err(key, format!("does not go with the certificate: {e}")))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
 }
 
 impl Listener {
@@ -84,7 +174,22 @@ impl Listener {
             addr: addr.to_string(),
             reason: e.to_string(),
         })?;
-        Ok(Listener { inner, limits })
+        Ok(Listener {
+            inner,
+            limits,
+            tls: None,
+        })
+    }
+
+    /// Serves HTTPS with `tls` instead of plain HTTP.
+    pub fn with_tls(mut self, tls: Tls) -> Listener {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Whether it serves HTTPS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -108,7 +213,7 @@ impl Listener {
                 _ = shutdown.cancelled() => break,
                 _ = live.below(limit) => {}
             }
-            let (stream, _peer) = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 accepted = self.inner.accept() => match accepted {
                     Ok(a) => a,
@@ -128,16 +233,34 @@ impl Listener {
             };
             let _ = stream.set_nodelay(true);
             let held = Held::new(&live);
-            let serving = serve_connection(
-                stream,
-                app.clone(),
-                conn,
-                conns.clone(),
-                self.limits,
-                shutdown.clone(),
-            );
+            let (app, conns, limits, shutdown) =
+                (app.clone(), conns.clone(), self.limits, shutdown.clone());
+            let tls = self.tls.as_ref().map(Tls::acceptor);
             tasks.spawn(async move {
-                serving.await;
+                match tls {
+                    None => serve_connection(stream, peer, app, conn, conns, limits, shutdown).await,
+                    Some(acceptor) => {
+                        // The handshake is bounded by the header deadline, and a connection
+                        // still in it is idle for the cap (pushed out first).
+                        let shake = tokio::time::timeout(limits.header_timeout, acceptor.accept(stream));
+                        let tls_stream = tokio::select! {
+                            r = shake => match r {
+                                Ok(Ok(s)) => Some(s),
+                                Ok(Err(e)) => {
+                                    tracing::debug!("TLS handshake with {peer} failed: {e}");
+                                    None
+                                }
+                                Err(_) => None,
+                            },
+                            _ = conn.evict.cancelled() => None,
+                            _ = shutdown.cancelled() => None,
+                        };
+                        match tls_stream {
+                            Some(s) => serve_connection(s, peer, app, conn, conns, limits, shutdown).await,
+                            None => conns.close(conn.id),
+                        }
+                    }
+                }
                 drop(held);
             });
         }
@@ -237,20 +360,26 @@ impl Connections {
     }
 }
 
-async fn serve_connection(
-    stream: tokio::net::TcpStream,
+async fn serve_connection<I>(
+    stream: I,
+    peer: SocketAddr,
     app: Router,
     conn: Conn,
     conns: Arc<Connections>,
     limits: Limits,
     shutdown: Shutdown,
-) {
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let busy = conn.busy.clone();
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let guard = Busy::enter(&busy);
         let app = app.clone();
+        let mut req = req.map(Body::new);
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
         async move {
-            let resp = app.oneshot(req.map(Body::new)).await;
+            let resp = app.oneshot(req).await;
             // The guard lives until the body is finished (or dropped): a stream being
             // written is not idle.
             resp.map(|r| {

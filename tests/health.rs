@@ -155,6 +155,7 @@ async fn start_serve(
 ) -> (SocketAddr, tokio::task::JoinHandle<Result<(), Error>>) {
     let args = serve::Args {
         state_dir: Some(state.to_owned()),
+        auth: Some(pumpwatch::config::AuthMode::None),
         ..Default::default()
     };
     let mut cfg = serve::Config::from_args(args, &common::common(config, &vh.amqp_url)).unwrap();

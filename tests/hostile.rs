@@ -1051,6 +1051,8 @@ async fn slow_http_clients_never_starve_serve() {
         "serve",
         "--listen",
         "127.0.0.1:0",
+        "--auth",
+        "none",
     ]);
     serve.wait_stderr("pumpwatch serve: http://", T).await;
     let line = serve.stderr_text();

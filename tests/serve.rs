@@ -110,9 +110,11 @@ async fn start_serve(
     view: View,
     shutdown: &Shutdown,
 ) -> (SocketAddr, tokio::task::JoinHandle<Result<(), Error>>) {
-    let mut cfg =
-        serve::Config::from_args(Default::default(), &common::common(config(), &vh.amqp_url))
-            .unwrap();
+    let args = serve::Args {
+        auth: Some(pumpwatch::config::AuthMode::None),
+        ..Default::default()
+    };
+    let mut cfg = serve::Config::from_args(args, &common::common(config(), &vh.amqp_url)).unwrap();
     cfg.listen = "127.0.0.1:0".parse().unwrap();
     cfg.view = view;
     cfg.push_every = Duration::from_millis(250);

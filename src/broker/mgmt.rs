@@ -110,6 +110,17 @@ pub struct UserInfo {
     pub tags: Vec<String>,
 }
 
+/// What the broker says of a login ([`MgmtClient::whoami`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Whoami {
+    /// The password is right and the user has a management tag: its name and tags.
+    Management(UserInfo),
+    /// The password is right; the user has no management tag (sources, subscribers).
+    NotManagement,
+    /// A wrong password, or no such user: the broker does not say which.
+    Refused,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct PermissionInfo {
     pub user: String,
@@ -461,6 +472,45 @@ impl MgmtClient {
     /// Also the cheapest "is the API up and are my credentials good" probe.
     pub async fn overview(&self) -> Result<Overview, MgmtError> {
         self.get_json(&["overview"]).await
+    }
+
+    /// The same endpoint (and connection pool) with other credentials: `serve` asks
+    /// [`whoami`](Self::whoami) as each person logging in.
+    pub fn with_credentials(&self, user: &str, password: &str) -> MgmtClient {
+        MgmtClient {
+            http: self.http.clone(),
+            api: self.api.clone(),
+            user: user.to_owned(),
+            password: password.to_owned(),
+        }
+    }
+
+    /// Who these credentials are, as the broker says: its name and tags.
+    ///
+    /// RabbitMQ answers 200 only to a user with a management tag. Any other user whose
+    /// password is right gets 401 `Not management user` (checked after the password, as
+    /// RabbitMQ 3.10 does); a wrong password or an unknown user gets 401 `Login failed`.
+    pub async fn whoami(&self) -> Result<Whoami, MgmtError> {
+        match self.get_json::<UserInfo>(&["whoami"]).await {
+            Ok(u) => Ok(Whoami::Management(u)),
+            Err(MgmtError::Status {
+                status: 401,
+                reason,
+                ..
+            }) if reason.contains("Not management user") => Ok(Whoami::NotManagement),
+            Err(MgmtError::Status { status: 401, .. }) => Ok(Whoami::Refused),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the broker has a user of that name (needs the `administrator` tag).
+    pub async fn user_exists(&self, name: &str) -> Result<bool, MgmtError> {
+        seg("user", name)?;
+        match self.send(Method::GET, &["users", name], None, &[]).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     // ---- vhosts ----

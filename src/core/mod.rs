@@ -10,6 +10,7 @@ pub mod filter;
 pub mod headers;
 pub mod health;
 pub mod lag;
+pub mod login;
 pub mod nagios;
 pub mod report;
 pub mod stamp;

@@ -7,8 +7,13 @@
 //! ```
 //!
 //! Anything that keeps it from knowing (serve unreachable, `-t` passed, an answer that is
-//! not serve's, a bad argument or range) is `PUMPWATCH UNKNOWN - <reason>`, exit 3. The
-//! output itself is the pure [`output`].
+//! not serve's, a refused login, a bad argument or range) is `PUMPWATCH UNKNOWN -
+//! <reason>`, exit 3. The output itself is the pure [`output`].
+//!
+//! Logging in (serve's `--auth broker`): `--user NAME --password-env VAR` or
+//! `--token-env VAR` (the metrics token, seen as an admin) are sent with the request;
+//! without them, the broker URL's account is sent only if serve asks (401), so a serve
+//! without logins never sees a password.
 
 pub mod output;
 
@@ -39,6 +44,37 @@ pub struct Args {
     /// Give up (UNKNOWN) after this many seconds.
     #[arg(short, long, value_name = "SECS", default_value = "10")]
     pub timeout: String,
+    /// Log in to serve as this pump account [default: the broker URL's user, sent only
+    /// when serve asks for a login].
+    #[arg(long, value_name = "NAME", requires = "password_env", conflicts_with = "token_env")]
+    pub user: Option<String>,
+    /// The environment variable holding --user's password.
+    #[arg(long, value_name = "VAR", requires = "user")]
+    pub password_env: Option<String>,
+    /// The environment variable holding serve's metrics token (serve.metrics_token_env),
+    /// sent as a bearer token.
+    #[arg(long, value_name = "VAR")]
+    pub token_env: Option<String>,
+}
+
+/// How `check` logs in to serve.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Login {
+    /// Told to: sent with the request.
+    Basic { user: String, password: String },
+    Bearer(String),
+    /// The broker URL's account, sent only after serve answered 401.
+    IfAsked { user: String, password: String },
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Login::Basic { user, .. } => write!(f, "Basic({user:?})"),
+            Login::Bearer(_) => write!(f, "Bearer(****)"),
+            Login::IfAsked { user, .. } => write!(f, "IfAsked({user:?})"),
+        }
+    }
 }
 
 /// Everything `check` needs, validated.
@@ -50,6 +86,7 @@ pub struct Config {
     pub timeout: Duration,
     /// `-v`: one offender per extra line.
     pub verbose: bool,
+    pub login: Login,
 }
 
 impl Config {
@@ -95,11 +132,35 @@ impl Config {
                 endpoint.query_pairs_mut().append_pair(key, n);
             }
         }
+        let env = |flag: &str, var: &str| -> Result<String, UsageError> {
+            if !crate::config::is_valid_env_name(var) {
+                return Err(UsageError(format!(
+                    "bad {flag}: {} is not an environment variable name",
+                    crate::core::text::quoted(var)
+                )));
+            }
+            std::env::var(var)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| UsageError(format!("bad {flag}: {var} is not set")))
+        };
+        let login = match (args.user, args.password_env, args.token_env) {
+            (_, _, Some(var)) => Login::Bearer(env("--token-env", &var)?.trim().to_owned()),
+            (Some(user), Some(var), None) => Login::Basic {
+                password: env("--password-env", &var)?,
+                user,
+            },
+            _ => Login::IfAsked {
+                user: common.broker.user().to_owned(),
+                password: common.broker.password().to_owned(),
+            },
+        };
         Ok(Config {
             endpoint,
             limits,
             timeout,
             verbose: common.verbose > 0,
+            login,
         })
     }
 }
@@ -123,11 +184,30 @@ pub async fn query(cfg: &Config) -> PluginOutput {
             .connect_timeout(cfg.timeout)
             .build()
             .map_err(|e| format!("cannot make an HTTP client: {e}"))?;
-        let r = client
-            .get(cfg.endpoint.clone())
-            .send()
-            .await
-            .map_err(|e| format!("serve at {shown} cannot be reached: {}", why(&e)))?;
+        let shown = &shown;
+        let send = |login: Option<&Login>| {
+            let mut req = client.get(cfg.endpoint.clone());
+            match login {
+                Some(Login::Basic { user, password } | Login::IfAsked { user, password }) => {
+                    req = req.basic_auth(user, Some(password));
+                }
+                Some(Login::Bearer(t)) => req = req.bearer_auth(t),
+                None => {}
+            }
+            async move {
+                req.send()
+                    .await
+                    .map_err(|e| format!("serve at {shown} cannot be reached: {}", why(&e)))
+            }
+        };
+        let first = match &cfg.login {
+            Login::IfAsked { .. } => None,
+            told => Some(told),
+        };
+        let mut r = send(first).await?;
+        if r.status() == reqwest::StatusCode::UNAUTHORIZED && first.is_none() {
+            r = send(Some(&cfg.login)).await?;
+        }
         let status = r.status();
         let body = r
             .bytes()
@@ -139,7 +219,11 @@ pub async fn query(cfg: &Config) -> PluginOutput {
                 .next()
                 .unwrap_or("")
                 .to_owned();
-            return Err(format!("serve at {shown} answered {status}: {first}"));
+            let hint = match status.as_u16() {
+                401 => " (log in with --user/--password-env or --token-env)",
+                _ => "",
+            };
+            return Err(format!("serve at {shown} answered {status}: {first}{hint}"));
         }
         serde_json::from_slice::<CheckAnswer>(&body).map_err(|e| {
             format!("{shown} did not answer as pumpwatch serve does ({e}); is it serve?")

@@ -96,16 +96,76 @@ pub enum Scope {
 }
 
 impl Scope {
-    fn admits(&self, e: &Entity) -> bool {
+    /// Whether an entity shown as `kind`/`name` (a pair's `source`) is within. `within`
+    /// is the source whose products a client row counts, when the rows are one source's
+    /// view: there `?source=` is that source and its clients.
+    fn admits(&self, kind: Kind, name: &str, source: Option<&str>, within: Option<&str>) -> bool {
         match self {
             Scope::All => true,
-            Scope::Client(c) => matches!(e.kind, Kind::Client | Kind::Pair) && e.name == *c,
-            Scope::Source(s) => match e.kind {
-                Kind::Source => e.name == *s,
-                Kind::Pair => e.source.as_deref() == Some(s),
-                _ => false,
+            Scope::Client(c) => matches!(kind, Kind::Client | Kind::Pair) && name == c,
+            Scope::Source(s) => match kind {
+                Kind::Source => name == s,
+                Kind::Pair => source == Some(s.as_str()),
+                Kind::Client => within == Some(s.as_str()),
+                Kind::Total => false,
             },
         }
+    }
+}
+
+/// Whose eyes a report is made for: what one logged-in account may see of the board
+/// (SPEC §3: only a source and the admins read a source's reports; the page and the API
+/// are ways of reading them).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Access {
+    /// Everything the view holds: role admin or feeder, the broker's `administrator`
+    /// tag, the metrics token, or `--auth none`.
+    Admin,
+    /// One source: its own row, its products' clients (the admin view's pairs of that
+    /// source, shown as clients, as in a source's own view) and its own row as totals.
+    Source(String),
+    /// One subscriber: its own client row (its deliveries across all sources), which is
+    /// also its totals.
+    Subscriber(String),
+}
+
+impl Access {
+    pub fn label(&self) -> String {
+        match self {
+            Access::Admin => "admin".into(),
+            Access::Source(s) => format!("source {s}"),
+            Access::Subscriber(c) => format!("client {c}"),
+        }
+    }
+}
+
+/// One entity as an account sees it: in a source's eyes its pairs are its clients.
+#[derive(Clone, Copy)]
+struct Shown<'a> {
+    kind: Kind,
+    source: Option<&'a str>,
+    /// The source whose products a client row counts (a source's view), for [`Scope`].
+    within: Option<&'a str>,
+    e: &'a Entity,
+}
+
+impl<'a> Shown<'a> {
+    fn name(&self) -> &'a str {
+        &self.e.name
+    }
+
+    fn within(&self, scope: &Scope) -> bool {
+        scope.admits(self.kind, &self.e.name, self.source, self.within)
+    }
+
+    fn status(&self, now: Timestamp) -> EntityStatus {
+        let mut s = self.e.status(now);
+        if s.kind != self.kind {
+            s.kind = self.kind;
+            s.source = self.source.map(str::to_owned);
+            s.label = s.name.clone();
+        }
+        s
     }
 }
 
@@ -714,9 +774,11 @@ pub struct Board {
     thresholds: ThresholdSet,
     clients: HashMap<String, Entity>,
     sources: HashMap<String, Entity>,
-    /// (source, client)
-    pairs: HashMap<PairKey, Entity>,
+    /// (source, client), ordered so that one source's pairs are one range.
+    pairs: BTreeMap<PairKey, Entity>,
     total: Entity,
+    /// The totals of an account whose own row is not there (yet).
+    nothing: Entity,
     version: u64,
     removed: VecDeque<(u64, Removed)>,
     pub intake: Intake,
@@ -752,12 +814,13 @@ impl Board {
         }
         Board {
             total: Entity::new(Kind::Total, "all", true),
+            nothing: Entity::new(Kind::Total, "all", true),
             view,
             history,
             thresholds: ThresholdSet::from_config(pump),
             clients,
             sources,
-            pairs: HashMap::new(),
+            pairs: BTreeMap::new(),
             version: 1,
             removed: VecDeque::new(),
             intake: Intake::default(),
@@ -946,37 +1009,188 @@ impl Board {
         changed
     }
 
-    /// Clients, sources and pairs (not the totals) within `scope`.
-    fn scoped<'a>(&'a self, scope: &'a Scope) -> impl Iterator<Item = &'a Entity> + 'a {
-        self.clients
-            .values()
-            .chain(self.sources.values())
-            .chain(self.pairs.values())
-            .filter(move |e| scope.admits(e))
+    /// Whether `access` sees anything of this board: one source's own `serve` shows that
+    /// source and the admins only.
+    pub fn sees(&self, access: &Access) -> bool {
+        match (&self.view, access) {
+            (View::Admin, _) | (View::Source(_), Access::Admin) => true,
+            (View::Source(v), Access::Source(s)) => v == s,
+            (View::Source(_), Access::Subscriber(_)) => false,
+        }
+    }
+
+    /// Whether `access` sees the whole view as it is (no presentation needed).
+    fn sees_all(&self, access: &Access) -> bool {
+        match (&self.view, access) {
+            (_, Access::Admin) => true,
+            (View::Source(v), Access::Source(s)) => v == s,
+            _ => false,
+        }
+    }
+
+    /// The clients, sources and pairs `access` may see (not the totals), as it sees them.
+    fn shown<'a>(&'a self, access: &'a Access) -> Box<dyn Iterator<Item = Shown<'a>> + 'a> {
+        let within = match &self.view {
+            View::Admin => None,
+            View::Source(v) => Some(v.as_str()),
+        };
+        let as_is = move |e: &'a Entity| Shown {
+            kind: e.kind,
+            source: e.source.as_deref(),
+            within: if e.kind == Kind::Client { within } else { None },
+            e,
+        };
+        if self.sees_all(access) {
+            return Box::new(
+                self.clients
+                    .values()
+                    .chain(self.sources.values())
+                    .chain(self.pairs.values())
+                    .map(as_is),
+            );
+        }
+        match (&self.view, access) {
+            (View::Admin, Access::Source(s)) => Box::new(
+                self.sources
+                    .get(s)
+                    .map(as_is)
+                    .into_iter()
+                    .chain(self.pairs_of(s).map(move |e| Shown {
+                        kind: Kind::Client,
+                        source: None,
+                        within: Some(s.as_str()),
+                        e,
+                    })),
+            ),
+            (View::Admin, Access::Subscriber(c)) => {
+                Box::new(self.clients.get(c).map(as_is).into_iter())
+            }
+            _ => Box::new(std::iter::empty()),
+        }
+    }
+
+    /// One source's pairs (one range of the ordered map).
+    fn pairs_of<'a>(&'a self, source: &'a str) -> impl Iterator<Item = &'a Entity> + 'a {
+        self.pairs
+            .range((source.to_owned(), String::new())..)
+            .take_while(move |((s, _), _)| s == source)
+            .map(|(_, e)| e)
+    }
+
+    /// The one client or source `access` knows by `name`, as it sees it.
+    fn shown_one<'a>(&'a self, access: &'a Access, kind: Kind, name: &str) -> Option<Shown<'a>> {
+        if self.sees_all(access) {
+            return self.entity(kind, name).map(|e| Shown {
+                kind: e.kind,
+                source: e.source.as_deref(),
+                within: match (&self.view, e.kind) {
+                    (View::Source(v), Kind::Client) => Some(v.as_str()),
+                    _ => None,
+                },
+                e,
+            });
+        }
+        let (kind, within, e) = match (&self.view, access, kind) {
+            (View::Admin, Access::Source(s), Kind::Source) if name == s => {
+                (kind, None, self.sources.get(name)?)
+            }
+            (View::Admin, Access::Source(s), Kind::Client) => (
+                kind,
+                Some(s.as_str()),
+                self.pairs.get(&(s.clone(), name.to_owned()))?,
+            ),
+            (View::Admin, Access::Subscriber(c), Kind::Client) if name == c => {
+                (kind, None, self.clients.get(name)?)
+            }
+            _ => return None,
+        };
+        Some(Shown {
+            kind,
+            source: None,
+            within,
+            e,
+        })
+    }
+
+    /// What `access` sees as the totals: the view's, or its own row.
+    fn total_of(&self, access: &Access) -> &Entity {
+        if self.sees_all(access) {
+            return &self.total;
+        }
+        let own = match (&self.view, access) {
+            (View::Admin, Access::Source(s)) => self.sources.get(s),
+            (View::Admin, Access::Subscriber(c)) => self.clients.get(c),
+            _ => None,
+        };
+        own.unwrap_or(&self.nothing)
+    }
+
+    fn total_status(&self, access: &Access, now: Timestamp) -> EntityStatus {
+        let mut s = self.total_of(access).status(now);
+        if s.kind != Kind::Total {
+            s.kind = Kind::Total;
+            s.name = "all".into();
+            s.label = "all".into();
+            s.source = None;
+        }
+        s
+    }
+
+    /// A removal as `access` sees it; `None` when it is none of its business.
+    fn shown_removed(&self, access: &Access, r: &Removed) -> Option<Removed> {
+        if self.sees_all(access) {
+            return Some(r.clone());
+        }
+        match (&self.view, access, r.kind) {
+            (View::Admin, Access::Source(s), Kind::Pair) if r.source.as_ref() == Some(s) => {
+                Some(Removed {
+                    kind: Kind::Client,
+                    name: r.name.clone(),
+                    source: None,
+                })
+            }
+            (View::Admin, Access::Source(s), Kind::Source) if r.name == *s => Some(r.clone()),
+            (View::Admin, Access::Subscriber(c), Kind::Client) if r.name == *c => Some(r.clone()),
+            _ => None,
+        }
+    }
+
+    fn view_label(&self, access: &Access) -> String {
+        if self.sees_all(access) {
+            self.view.label()
+        } else {
+            access.label()
+        }
     }
 
     /// The pump's state within `scope`: the worst of every client, source and pair.
     pub fn pump(&self, scope: &Scope) -> PumpStatus {
+        self.pump_as(&Access::Admin, scope)
+    }
+
+    /// The state of what `access` sees within `scope`.
+    pub fn pump_as(&self, access: &Access, scope: &Scope) -> PumpStatus {
         let mut clients = StateCounts::default();
         let mut sources = StateCounts::default();
         let mut pairs = StateCounts::default();
         let mut offenders = Vec::new();
         let mut troubled: std::collections::HashSet<&str> = Default::default();
-        for e in self.scoped(scope) {
-            match e.kind {
+        for sh in self.shown(access).filter(|sh| sh.within(scope)) {
+            let e = sh.e;
+            match sh.kind {
                 Kind::Client => clients.add(e.health.state),
                 Kind::Source => sources.add(e.health.state),
                 Kind::Pair => pairs.add(e.health.state),
                 Kind::Total => {}
             }
             if matches!(e.health.state, State::Warning | State::Critical) {
-                if e.kind != Kind::Source {
-                    troubled.insert(e.name.as_str());
+                if sh.kind != Kind::Source {
+                    troubled.insert(sh.name());
                 }
                 offenders.push(Offender {
-                    kind: e.kind,
+                    kind: sh.kind,
                     name: e.name.clone(),
-                    source: e.source.clone(),
+                    source: sh.source.map(str::to_owned),
                     state: e.health.state,
                     reason: e.health.summary(),
                     reasons: e.health.reasons.clone(),
@@ -995,13 +1209,11 @@ impl Board {
         for s in State::ALL {
             *counts.entry(s).or_default() += clients.get(s) + sources.get(s);
         }
-        let all = clients.total() + sources.total() + pairs.total();
         let state = match offenders.first() {
             Some(o) => o.state,
             None if clients.ok + sources.ok + pairs.ok > 0 => State::Ok,
             None => State::Unknown,
         };
-        let _ = all;
         let mut text = format!(
             "{state} - {} critical, {} warning, {} unknown, {} ok",
             counts[&State::Critical],
@@ -1017,7 +1229,7 @@ impl Board {
             text.push_str(&format!("; {} {}", offender_label(o), o.reason));
         }
         PumpStatus {
-            view: self.view.label(),
+            view: self.view_label(access),
             state,
             text,
             counts,
@@ -1033,10 +1245,16 @@ impl Board {
     /// `/api/check`: counts, offenders and the totals within `scope`, and the client or
     /// source the scope names.
     pub fn check(&self, scope: &Scope, now: Timestamp) -> CheckAnswer {
-        let mut p = self.pump(scope);
+        self.check_as(&Access::Admin, scope, now)
+    }
+
+    /// [`Board::check`] of what `access` sees: a client or source it does not see is
+    /// answered as one serve does not know.
+    pub fn check_as(&self, access: &Access, scope: &Scope, now: Timestamp) -> CheckAnswer {
+        let mut p = self.pump_as(access, scope);
         let more = p.offenders.len().saturating_sub(CHECK_OFFENDERS);
         p.offenders.truncate(CHECK_OFFENDERS);
-        let w = &self.total.window;
+        let w = &self.total_of(access).window;
         let subject = match scope {
             Scope::All => None,
             Scope::Client(n) | Scope::Source(n) => {
@@ -1045,7 +1263,7 @@ impl Board {
                 } else {
                     Kind::Source
                 };
-                Some(match self.entity(kind, n) {
+                Some(match self.shown_one(access, kind, n).map(|sh| sh.e) {
                     Some(e) => CheckSubject {
                         kind,
                         name: n.clone(),
@@ -1093,43 +1311,61 @@ impl Board {
         }
     }
 
-    fn sorted<'a>(it: impl Iterator<Item = &'a Entity>, now: Timestamp) -> Vec<EntityStatus> {
-        let mut v: Vec<&Entity> = it.collect();
+    /// Worst first, then by name.
+    fn sorted<'a>(it: impl Iterator<Item = Shown<'a>>, now: Timestamp) -> Vec<EntityStatus> {
+        let mut v: Vec<Shown<'a>> = it.collect();
         v.sort_by(|a, b| {
-            b.health
+            b.e.health
                 .state
                 .severity()
-                .cmp(&a.health.state.severity())
-                .then_with(|| a.name.cmp(&b.name))
+                .cmp(&a.e.health.state.severity())
+                .then_with(|| a.e.name.cmp(&b.e.name))
                 .then_with(|| a.source.cmp(&b.source))
         });
-        v.into_iter().map(|e| e.status(now)).collect()
+        v.into_iter().map(|sh| sh.status(now)).collect()
     }
 
     /// `/api/status` within `scope`: every client, source and pair, worst first, then
     /// by name.
     pub fn status(&self, scope: &Scope, now: Timestamp) -> Status {
+        self.status_as(&Access::Admin, scope, now)
+    }
+
+    /// [`Board::status`] of what `access` sees.
+    pub fn status_as(&self, access: &Access, scope: &Scope, now: Timestamp) -> Status {
+        let of = |kind: Kind| {
+            Board::sorted(
+                self.shown(access)
+                    .filter(|sh| sh.kind == kind && sh.within(scope)),
+                now,
+            )
+        };
         Status {
             generated: now.to_string(),
-            pump: self.pump(scope),
-            total: self.total.status(now),
-            clients: Board::sorted(self.clients.values().filter(|e| scope.admits(e)), now),
-            sources: Board::sorted(self.sources.values().filter(|e| scope.admits(e)), now),
-            pairs: Board::sorted(self.pairs.values().filter(|e| scope.admits(e)), now),
+            pump: self.pump_as(access, scope),
+            total: self.total_status(access, now),
+            clients: of(Kind::Client),
+            sources: of(Kind::Source),
+            pairs: of(Kind::Pair),
         }
     }
 
     /// What changed after `since` (0 = everything) within `scope`, as one event.
     pub fn delta(&self, since: u64, scope: &Scope, now: Timestamp) -> Delta {
+        self.delta_as(&Access::Admin, since, scope, now)
+    }
+
+    /// [`Board::delta`] of what `access` sees.
+    pub fn delta_as(&self, access: &Access, since: u64, scope: &Scope, now: Timestamp) -> Delta {
         let full = since == 0
             || self
                 .removed
                 .front()
                 .is_some_and(|(v, _)| *v > since && self.removed.len() >= REMOVED_KEEP);
         let entities = self
-            .scoped(scope)
-            .filter(|e| full || e.version > since)
-            .map(|e| e.status(now))
+            .shown(access)
+            .filter(|sh| sh.within(scope) && (full || sh.e.version > since))
+            .map(|sh| sh.status(now))
             .collect();
         let removed = if full {
             vec![]
@@ -1137,15 +1373,15 @@ impl Board {
             self.removed
                 .iter()
                 .filter(|(v, _)| *v > since)
-                .map(|(_, r)| r.clone())
+                .filter_map(|(_, r)| self.shown_removed(access, r))
                 .collect()
         };
         Delta {
             version: self.version,
             full,
             generated: now.to_string(),
-            pump: self.pump(scope),
-            total: self.total.status(now),
+            pump: self.pump_as(access, scope),
+            total: self.total_status(access, now),
             entities,
             removed,
         }
@@ -1153,7 +1389,17 @@ impl Board {
 
     /// The chart data of one entity (a pair by its label, `cfs on radar`).
     pub fn series(&self, kind: Kind, name: &str) -> Option<Series> {
-        let e = self.entity(kind, name)?;
+        self.series_as(&Access::Admin, kind, name)
+    }
+
+    /// [`Board::series`] of what `access` sees (`total` is its own totals).
+    pub fn series_as(&self, access: &Access, kind: Kind, name: &str) -> Option<Series> {
+        let e = match kind {
+            Kind::Total => self.total_of(access),
+            Kind::Pair if self.sees_all(access) => self.entity(kind, name)?,
+            Kind::Pair => return None,
+            _ => self.shown_one(access, kind, name)?.e,
+        };
         let mut s = Series::default();
         for p in &e.points {
             s.t.push(unix(p.end));
@@ -1504,5 +1750,159 @@ mod tests {
             b.entity(Kind::Client, "edu").unwrap().health.state,
             State::Critical
         );
+    }
+
+    /// radar's and sat's products, cfs and edu receiving, with sat's pair of cfs stopped.
+    fn two_sources() -> Board {
+        let pump = PumpConfig::parse(
+            "[users.radar]\nrole = \"source\"\n[users.sat]\nrole = \"source\"\n\
+             [users.cfs]\nrole = \"subscriber\"\n[users.edu]\nrole = \"subscriber\"\n\
+             [thresholds.default]\ntd = 120\n",
+            "t.toml",
+        )
+        .unwrap();
+        let mut b = Board::new(&pump, View::Admin, Duration::from_secs(3600));
+        let edu = || Subject::Client("edu".into());
+        for k in 1..=5u64 {
+            let end = 60.0 * k as f64;
+            let at = t(end);
+            b.apply(&d(cfs(), None, reading(end, 30 * k, 0, 30)), at);
+            b.apply(&d(edu(), None, reading(end, 10 * k, 0, 10)), at);
+            b.apply(&d(Subject::Source("radar".into()), None, reading(end, 20 * k, 0, 20)), at);
+            b.apply(&d(Subject::Source("sat".into()), None, reading(end, 20 * k, 0, 20)), at);
+            b.apply(&d(Subject::AllClients, None, reading(end, 40 * k, 0, 40)), at);
+            b.apply(&d(cfs(), Some("radar"), reading(end, 20 * k, 0, 20)), at);
+            // sat's products stop reaching cfs after the first minute.
+            b.apply(&d(cfs(), Some("sat"), reading(end, 10, 0, u64::from(k == 1) * 10)), at);
+            b.apply(&d(edu(), Some("sat"), reading(end, 10 * k, 0, 10)), at);
+        }
+        b.sweep(t(300.0));
+        b
+    }
+
+    fn json<T: Serialize>(v: &T) -> String {
+        serde_json::to_string(v).unwrap()
+    }
+
+    #[test]
+    fn a_source_sees_its_products_only() {
+        let b = two_sources();
+        let radar = Access::Source("radar".into());
+        let now = t(301.0);
+        let s = b.status_as(&radar, &Scope::All, now);
+        let names = |v: &[EntityStatus]| v.iter().map(|e| e.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&s.clients), ["cfs"]);
+        assert_eq!(names(&s.sources), ["radar"]);
+        assert!(s.pairs.is_empty());
+        // Its clients are its pairs: cfs's transfers of radar's products, not cfs's row.
+        assert_eq!(s.clients[0].good_total, 100);
+        assert_eq!(s.clients[0].kind, Kind::Client);
+        assert_eq!(s.clients[0].label, "cfs");
+        assert_eq!((s.total.name.as_str(), s.total.good_total), ("all", 100));
+        assert_eq!(s.pump.view, "source radar");
+        assert_eq!(s.pump.state, State::Ok, "{}", s.pump.text);
+        for text in [
+            json(&s),
+            json(&b.delta_as(&radar, 0, &Scope::All, now)),
+            json(&b.check_as(&radar, &Scope::All, now)),
+        ] {
+            assert!(!text.contains("sat") && !text.contains("edu"), "{text}");
+        }
+        // The whole pump sees sat's pair of cfs stopped.
+        let all = b.pump(&Scope::All);
+        assert_eq!(all.state, State::Critical, "{}", all.text);
+        assert!(all.text.contains("cfs on sat stopped"), "{}", all.text);
+        // Narrowed: ?client=cfs is radar's pair; ?source=radar everything; others nothing.
+        let c = b.check_as(&radar, &Scope::Client("cfs".into()), now);
+        let subject = c.subject.unwrap();
+        assert!(subject.known);
+        assert!((subject.files_per_s - 20.0 / 60.0).abs() < 1e-9, "{subject:?}");
+        assert_eq!(
+            b.status_as(&radar, &Scope::Source("radar".into()), now).clients.len(),
+            1
+        );
+        for scope in [Scope::Source("sat".into()), Scope::Client("edu".into())] {
+            let c = b.check_as(&radar, &scope, now);
+            assert!(!c.subject.as_ref().unwrap().known, "{scope:?}");
+            assert_eq!(c.clients.total() + c.sources.total() + c.pairs.total(), 0);
+        }
+        // History: its own, by the names it sees.
+        assert!(b.series_as(&radar, Kind::Client, "cfs").is_some());
+        assert_eq!(
+            b.series_as(&radar, Kind::Total, "all").unwrap().files_per_s.len(),
+            5
+        );
+        for (kind, name) in [
+            (Kind::Client, "edu"),
+            (Kind::Source, "sat"),
+            (Kind::Pair, "cfs on sat"),
+            (Kind::Pair, "cfs on radar"),
+        ] {
+            assert!(b.series_as(&radar, kind, name).is_none(), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_subscriber_sees_its_own_row_only() {
+        let b = two_sources();
+        let edu = Access::Subscriber("edu".into());
+        let now = t(301.0);
+        let s = b.status_as(&edu, &Scope::All, now);
+        assert_eq!(s.clients.len(), 1);
+        assert_eq!(s.clients[0].name, "edu");
+        assert!(s.sources.is_empty() && s.pairs.is_empty());
+        assert_eq!(s.total.good_total, 50);
+        assert_eq!(s.pump.view, "client edu");
+        for text in [
+            json(&s),
+            json(&b.delta_as(&edu, 0, &Scope::All, now)),
+            json(&b.check_as(&edu, &Scope::All, now)),
+        ] {
+            for other in ["sat", "radar", "cfs"] {
+                assert!(!text.contains(other), "{other} in {text}");
+            }
+        }
+        // A name it asks about is echoed, but unknown.
+        let c = b.check_as(&edu, &Scope::Source("sat".into()), now);
+        assert!(!c.subject.unwrap().known);
+        assert!(b.series_as(&edu, Kind::Client, "cfs").is_none());
+        assert!(b.series_as(&edu, Kind::Client, "edu").is_some());
+        // Someone the board never heard of sees an empty board, not an error.
+        let nobody = Access::Subscriber("nobody".into());
+        let s = b.status_as(&nobody, &Scope::All, now);
+        assert!(s.clients.is_empty());
+        assert_eq!((s.total.good_total, s.pump.state), (0, State::Unknown));
+    }
+
+    #[test]
+    fn removals_reach_only_those_who_saw_them() {
+        let mut b = two_sources();
+        let v = b.version();
+        // Nothing heard for the whole history: the undeclared pair rows go.
+        b.sweep(t(300.0 + 3700.0));
+        let radar = Access::Source("radar".into());
+        let removed = b.delta_as(&radar, v, &Scope::All, t(4000.0)).removed;
+        assert_eq!(
+            removed,
+            [Removed {
+                kind: Kind::Client,
+                name: "cfs".into(),
+                source: None
+            }]
+        );
+        let edu = b.delta_as(&Access::Subscriber("edu".into()), v, &Scope::All, t(4000.0));
+        assert!(edu.removed.is_empty(), "{:?}", edu.removed);
+        assert_eq!(b.delta(v, &Scope::All, t(4000.0)).removed.len(), 3);
+    }
+
+    #[test]
+    fn one_sources_own_serve_shows_that_source_and_the_admins() {
+        let b = Board::new(&pump(), View::Source("radar".into()), Duration::from_secs(60));
+        assert!(b.sees(&Access::Admin));
+        assert!(b.sees(&Access::Source("radar".into())));
+        assert!(!b.sees(&Access::Source("sat".into())));
+        assert!(!b.sees(&Access::Subscriber("cfs".into())));
+        let s = b.status_as(&Access::Source("sat".into()), &Scope::All, t(0.0));
+        assert!(s.sources.is_empty());
     }
 }

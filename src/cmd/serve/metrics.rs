@@ -17,6 +17,7 @@
 //! | `pumpwatch_{client,source}_window_lag_p95_seconds` | gauge: p95 lag over the rules' window (the `late` rule) | client / source |
 //! | `pumpwatch_pump_*` | the same for the totals, no name label | (state) |
 //! | `pumpwatch_serve_speedos_total` | counter | outcome (applied, ignored, stale, malformed) |
+//! | `pumpwatch_serve_logins_total` | counter (with `--auth broker`) | outcome (accepted, remembered, token, wrong_password, unknown_user, refused, bad_header, bad_token, broker_unreachable, forbidden, rate_limited) |
 //!
 //! Other components (e.g. `route`'s counters in `demo`) add their own collectors to the
 //! same registry: see [`super::Server::with_collector`].
@@ -195,6 +196,32 @@ impl Collector for BoardCollector {
             ("stale", intake.stale),
             ("malformed", intake.malformed),
         ] {
+            ConstCounter::new(n).encode(m.encode_family(&[("outcome", outcome)])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// `pumpwatch_serve_logins_total{outcome}`: how logins ended (`auth.rs`): accepted by
+/// the broker, remembered, the metrics token; refused as a wrong password, an unknown
+/// user, either (`refused`: serve could not look the user up), an unreadable header or
+/// a wrong token; not checked because the broker could not be asked; forbidden (logged
+/// in, nothing to see); answered 429.
+#[derive(Debug)]
+pub struct LoginCollector(pub Arc<super::auth::Gate>);
+
+impl Collector for LoginCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), Error> {
+        if self.0.mode() == crate::config::AuthMode::None {
+            return Ok(());
+        }
+        let mut m = enc.encode_descriptor(
+            "serve_logins",
+            "Logins to serve, by how they ended.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (outcome, n) in self.0.counts.snapshot() {
             ConstCounter::new(n).encode(m.encode_family(&[("outcome", outcome)])?)?;
         }
         Ok(())

@@ -21,21 +21,24 @@
 //! thresholds stay. With `--state-dir DIR` the learned baselines are kept in
 //! `DIR/baselines.sqlite3` ([`state`]): loaded at start, written in batches.
 
+pub mod auth;
 pub mod board;
 pub mod metrics;
 mod routes;
 pub mod state;
 
-pub use board::{Board, CheckAnswer, Kind, Scope, Status, View};
+pub use auth::{Gate, GateConfig};
+pub use board::{Access, Board, CheckAnswer, Kind, Scope, Status, View};
 
 use super::{Common, Error, UsageError, parse_duration, parse_listen};
 use crate::broker::amqp::{AmqpError, Client, ConnectOptions, QueueDecl, Topology};
 use crate::broker::names;
 use crate::broker::url::BrokerUrl;
 use crate::cmd::speedo;
-use crate::config::{Config as PumpConfig, Role};
+use crate::broker::mgmt::MgmtClient;
+use crate::config::{AuthMode, Config as PumpConfig, Role};
 use crate::core::text;
-use crate::http::{Limits, Listener};
+use crate::http::{Limits, Listener, Tls};
 use crate::shutdown::Shutdown;
 use jiff::Timestamp;
 use prometheus_client::collector::Collector;
@@ -63,6 +66,17 @@ pub struct Args {
     /// [default: in memory only].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Who may look: `broker` (log in with your pump account; a source sees its own
+    /// view, a subscriber its own row, an admin everything) or `none` (everyone sees
+    /// everything: loopback only, or a pump without users) [default: serve.auth, broker].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub auth: Option<AuthMode>,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key) [default: serve.tls_cert].
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert [default: serve.tls_key].
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Everything `serve` needs, validated.
@@ -80,6 +94,10 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// How often learned changes are written to the state database.
     pub state_every: Duration,
+    /// Who may look, and how they log in (`auth.rs`).
+    pub gate: GateConfig,
+    /// HTTPS; `None`: plain HTTP (behind a reverse proxy, or on loopback).
+    pub tls: Option<Tls>,
 }
 
 impl Config {
@@ -114,6 +132,16 @@ impl Config {
         {
             return Err(UsageError::new("invalid --state-dir: empty path"));
         }
+        let gate = gate_config(args.auth, common, &listen)?;
+        let tls = match (
+            args.tls_cert.as_ref().or(pump.serve.tls_cert.as_ref()),
+            args.tls_key.as_ref().or(pump.serve.tls_key.as_ref()),
+        ) {
+            (Some(cert), Some(key)) => {
+                Some(Tls::load(cert, key).map_err(|e| UsageError(e.to_string()))?)
+            }
+            _ => None,
+        };
         Ok(Config {
             broker: common.broker.clone(),
             listen,
@@ -124,8 +152,63 @@ impl Config {
             push_every: Duration::from_secs(1),
             state_dir: args.state_dir,
             state_every: Duration::from_secs(30),
+            gate,
+            tls,
         })
     }
+}
+
+/// The shortest metrics token accepted (a guessable one would open `/metrics`).
+pub const MIN_TOKEN: usize = 16;
+
+/// Who may look: `--auth` (else `serve.auth`), the management API to check logins with,
+/// the metrics token from its environment variable. `--auth none` on an address others
+/// can reach is refused when the pump declares users: it would show every source's
+/// products to anyone.
+fn gate_config(
+    auth: Option<AuthMode>,
+    common: &Common,
+    listen: &SocketAddr,
+) -> Result<GateConfig, UsageError> {
+    let pump = &common.file;
+    let mode = auth.unwrap_or(pump.serve.auth);
+    if mode == AuthMode::None && !listen.ip().is_loopback() && !pump.users.is_empty() {
+        return Err(UsageError(format!(
+            "--auth none on {listen} would show every source's products to anyone who reaches it; \
+             listen on a loopback address, or let people log in with their pump accounts (--auth broker)"
+        )));
+    }
+    let metrics_token = match &pump.serve.metrics_token_env {
+        None => None,
+        Some(var) => {
+            let t = std::env::var(var).map_err(|_| {
+                UsageError(format!(
+                    "serve.metrics_token_env names {var}, which is not set (or not UTF-8)"
+                ))
+            })?;
+            if t.trim().len() < MIN_TOKEN {
+                return Err(UsageError(format!(
+                    "the metrics token in {var} is shorter than {MIN_TOKEN} characters"
+                )));
+            }
+            Some(t.trim().to_owned())
+        }
+    };
+    let mgmt = match mode {
+        AuthMode::None => None,
+        AuthMode::Broker => Some(
+            MgmtClient::from_urls(&common.admin_url, &common.broker)
+                .map_err(|e| UsageError(format!("--auth broker: {e}")))?,
+        ),
+    };
+    Ok(GateConfig {
+        mode,
+        realm: format!("pumpwatch {}", pump.cluster),
+        login_cache: pump.serve.login_cache,
+        mgmt,
+        metrics_token,
+        trusted_proxies: pump.serve.trusted_proxies.clone(),
+    })
 }
 
 /// Connects again and again (backoff from [`WAIT_MIN`] to [`WAIT_MAX`]) until the
@@ -164,9 +247,14 @@ async fn wait_for_exchange(
 pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), Error> {
     let server = Server::bind(cfg).await?;
     eprintln!(
-        "pumpwatch serve: http://{} ({})",
+        "pumpwatch serve: {}://{} ({}; {})",
+        if server.cfg.tls.is_some() { "https" } else { "http" },
         server.local_addr(),
-        server.view().label()
+        server.view().label(),
+        match server.cfg.gate.mode {
+            AuthMode::Broker => "log in with a pump account",
+            AuthMode::None => "no login",
+        }
     );
     server.run(shutdown).await
 }
@@ -179,6 +267,7 @@ pub(crate) struct Shared {
     pub(crate) client: Arc<OnceLock<Client>>,
     pub(crate) push_every: Duration,
     pub(crate) shutdown: Shutdown,
+    pub(crate) gate: Arc<Gate>,
 }
 
 /// A bound `serve`, not yet serving: [`Server::local_addr`] tells where (`--listen
@@ -195,6 +284,7 @@ pub struct Server {
     board: Arc<Mutex<Board>>,
     registry: Registry,
     store: Option<state::Store>,
+    gate: Arc<Gate>,
 }
 
 /// The first retry of a connection that found no exchange, doubling up to [`WAIT_MAX`].
@@ -207,7 +297,10 @@ impl Server {
     /// run yet, so `serve` waits for it ([`Server::run`] retries with backoff; `/healthz`
     /// answers 503 meanwhile), as the other daemons do.
     pub async fn bind(cfg: Config) -> Result<Server, Error> {
-        let listener = Listener::bind(cfg.listen, cfg.limits).await?;
+        let mut listener = Listener::bind(cfg.listen, cfg.limits).await?;
+        if let Some(tls) = &cfg.tls {
+            listener = listener.with_tls(tls.clone());
+        }
         let queue = names::private_queue(cfg.broker.user(), "serve");
         let exchange = match &cfg.view {
             View::Admin => cfg.pump.exchanges.report.clone(),
@@ -245,9 +338,12 @@ impl Server {
         let mut b = Board::new(&cfg.pump, cfg.view.clone(), cfg.history);
         b.learning = learning;
         let board = Arc::new(Mutex::new(b));
+        let gate = Arc::new(Gate::new(cfg.gate.clone(), &cfg.pump));
         let mut registry = Registry::with_prefix("pumpwatch");
         registry.register_collector(Box::new(metrics::BoardCollector(board.clone())));
+        registry.register_collector(Box::new(metrics::LoginCollector(gate.clone())));
         Ok(Server {
+            gate,
             cfg,
             listener,
             client,
@@ -292,6 +388,7 @@ impl Server {
             board,
             registry,
             store,
+            gate,
         } = self;
         tracing::info!(
             listen = %listener.local_addr(),
@@ -305,6 +402,7 @@ impl Server {
             client: connected.clone(),
             push_every: cfg.push_every,
             shutdown: shutdown.clone(),
+            gate: gate.clone(),
         });
         let app = routes::router(shared);
         let http = tokio::spawn(listener.serve(app, shutdown.clone(), Duration::from_secs(2)));
@@ -334,15 +432,19 @@ impl Server {
         };
         let _ = connected.set(client.clone());
         let mut consumer = client.consume(&queue, 1000).await?;
-        let pairs = (cfg.view == View::Admin).then(|| {
-            let sources = cfg.pump.sources().map(|u| u.name.clone()).collect();
-            tokio::spawn(bind_pairs(
+        // The admin view binds each declared source's xr_<source> once, for every
+        // source's view; sources declared later (SIGHUP) are bound then.
+        let mut bound: std::collections::BTreeSet<String> =
+            cfg.pump.sources().map(|u| u.name.clone()).collect();
+        let mut pairs = Vec::new();
+        if cfg.view == View::Admin {
+            pairs.push(tokio::spawn(bind_pairs(
                 client.clone(),
                 queue.clone(),
-                sources,
+                bound.iter().cloned().collect(),
                 shutdown.clone(),
-            ))
-        });
+            )));
+        }
         let mut sweep = tokio::time::interval(cfg.push_every);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
@@ -352,7 +454,24 @@ impl Server {
                 _ = sweep.tick() => {
                     board.lock().unwrap_or_else(|p| p.into_inner()).sweep(Timestamp::now());
                 }
-                _ = hup.recv() => reload(&cfg, &board),
+                _ = hup.recv() => {
+                    let Some(new) = reload(&cfg, &board, &gate) else { continue };
+                    let added: Vec<String> = new
+                        .sources()
+                        .map(|u| u.name.clone())
+                        .filter(|n| !bound.contains(n))
+                        .collect();
+                    if cfg.view == View::Admin && !added.is_empty() {
+                        tracing::info!("SIGHUP: {} new sources: binding their xr_ exchanges", added.len());
+                        bound.extend(added.iter().cloned());
+                        pairs.push(tokio::spawn(bind_pairs(
+                            client.clone(),
+                            queue.clone(),
+                            added,
+                            shutdown.clone(),
+                        )));
+                    }
+                }
                 next = consumer.next() => {
                     let d = match next {
                         Some(Ok(d)) => d,
@@ -382,7 +501,7 @@ impl Server {
         };
         shutdown.cancel();
         let _ = consumer.cancel().await;
-        if let Some(p) = pairs {
+        for p in pairs {
             let _ = tokio::time::timeout(Duration::from_secs(1), p).await;
         }
         let result = match tokio::time::timeout(Duration::from_secs(3), http).await {
@@ -423,6 +542,7 @@ pub async fn serve_board(
         client: Arc::new(OnceLock::new()),
         push_every: Duration::from_secs(1),
         shutdown: shutdown.clone(),
+        gate: Arc::new(Gate::open()),
     });
     tokio::spawn(listener.serve(routes::router(shared), shutdown, Duration::from_secs(1)));
     Ok(addr)
@@ -589,12 +709,19 @@ async fn persist(
     }
 }
 
-/// Reads the configuration file again (SIGHUP) and applies its thresholds; a file that
-/// does not parse keeps the old ones.
-fn reload(cfg: &Config, board: &Mutex<Board>) {
+/// Reads the configuration file again (SIGHUP) and applies its thresholds and roles
+/// (remembered logins are forgotten), and reads the TLS certificate again; a file that
+/// does not parse keeps the old ones. Returns the new configuration.
+fn reload(cfg: &Config, board: &Mutex<Board>, gate: &Gate) -> Option<PumpConfig> {
+    if let Some(tls) = &cfg.tls {
+        match tls.reload() {
+            Ok(()) => tracing::info!("SIGHUP: TLS certificate read again"),
+            Err(e) => tracing::warn!("SIGHUP: kept the old TLS certificate: {e}"),
+        }
+    }
     let Some(path) = cfg.pump.path.as_deref() else {
         tracing::warn!("SIGHUP: serve runs on built-in defaults, there is no file to read again");
-        return;
+        return None;
     };
     match PumpConfig::from_file(path) {
         Ok(new) => {
@@ -602,9 +729,17 @@ fn reload(cfg: &Config, board: &Mutex<Board>) {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .set_thresholds(board::ThresholdSet::from_config(&new));
-            tracing::info!("SIGHUP: thresholds read again from {}", path.display());
+            gate.reload(&new);
+            tracing::info!(
+                "SIGHUP: thresholds and roles read again from {}",
+                path.display()
+            );
+            Some(new)
         }
-        Err(e) => tracing::warn!("SIGHUP: kept the old thresholds: {e}"),
+        Err(e) => {
+            tracing::warn!("SIGHUP: kept the old thresholds and roles: {e}");
+            None
+        }
     }
 }
 
@@ -652,12 +787,13 @@ mod tests {
             Common::with_broker(pump.clone(), &BrokerUrl::parse("amqp://localhost").unwrap());
         let cfg = Config::from_args(Args::default(), &common).unwrap();
         let board = Mutex::new(Board::new(&pump, View::Admin, Duration::from_secs(60)));
+        let gate = Gate::open();
         std::fs::write(&path, "[thresholds.cfs\ntd = 1\n").unwrap();
-        reload(&cfg, &board);
+        reload(&cfg, &board, &gate);
         let td = |b: &Mutex<Board>| b.lock().unwrap().thresholds_for("cfs").td;
         assert_eq!(td(&board), Duration::from_secs(60));
         std::fs::write(&path, "[thresholds.cfs]\ntd = 5\n").unwrap();
-        reload(&cfg, &board);
+        reload(&cfg, &board, &gate);
         assert_eq!(td(&board), Duration::from_secs(5));
     }
 }

@@ -3,15 +3,20 @@
 //! Handlers only read the board (a short lock each); nothing here blocks on the broker,
 //! so `/metrics` and `/healthz` keep answering while it is away.
 //!
-//! `/api/status`, `/api/events` and `/api/check` take `?client=NAME` or `?source=NAME`
-//! to narrow what they report to one client (with its pairs) or one source (with its
-//! pairs): a [`Scope`], which is also where a per-account filter plugs in.
+//! Every route but the assets and `/healthz` is behind the gate of [`super::auth`]: the
+//! request carries the caller's [`Access`], and each handler asks the board for what that
+//! access sees (`status_as`, `delta_as`, `check_as`, `series_as`). `/api/status`,
+//! `/api/events` and `/api/check` also take `?client=NAME` or `?source=NAME` to narrow it
+//! to one client (with its pairs) or one source (with its pairs): a [`Scope`], within
+//! what the access sees.
 
 use super::Shared;
-use super::board::{Kind, Scope};
+use super::auth::{Need, Refusal};
+use super::board::{Access, Kind, Scope};
 use axum::Router;
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, Extension, RawQuery, Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
@@ -19,6 +24,7 @@ use futures_util::Stream;
 use jiff::Timestamp;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 const INDEX_HTML: &str = include_str!("../../../web/index.html");
@@ -28,14 +34,24 @@ const UPLOT_JS: &str = include_str!("../../../web/vendor/uPlot.iife.min.js");
 const UPLOT_CSS: &str = include_str!("../../../web/vendor/uPlot.min.css");
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
+    // Each group behind the gate it needs (auth.rs); the assets and /healthz are open.
+    let page = Router::new()
         .route("/", get(index))
-        .route("/assets/{name}", get(asset))
         .route("/api/status", get(status))
         .route("/api/history", get(history))
         .route("/api/events", get(events))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), login));
+    let check = Router::new()
         .route("/api/check", get(check))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), login_or_token));
+    let metrics = Router::new()
         .route("/metrics", crate::http::metrics(shared.registry.clone()))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), metrics_gate));
+    Router::new()
+        .merge(page)
+        .merge(check)
+        .merge(metrics)
+        .route("/assets/{name}", get(asset))
         .route(
             "/healthz",
             crate::http::healthz(
@@ -47,6 +63,41 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             ),
         )
         .with_state(shared)
+}
+
+async fn login(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    gate(s, Need::Login, req, next).await
+}
+
+async fn login_or_token(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    gate(s, Need::LoginOrToken, req, next).await
+}
+
+async fn metrics_gate(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    gate(s, Need::Metrics, req, next).await
+}
+
+/// Lets the request in with its [`Access`] as an extension, or answers 401/403/429.
+async fn gate(s: Arc<Shared>, need: Need, mut req: Request, next: Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+    let access = match s.gate.admit(req.headers(), peer, need).await {
+        Ok(a) => a,
+        Err(r) => return r.response(s.gate.realm()),
+    };
+    let sees = s
+        .board
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .sees(&access);
+    if !sees {
+        return Refusal::Forbidden("this serve shows one source's view: that source's and the admins'")
+            .response(s.gate.realm());
+    }
+    req.extensions_mut().insert(access);
+    next.run(req).await
 }
 
 async fn index() -> Response {
@@ -112,7 +163,11 @@ fn next_is_empty(s: &Scope) -> bool {
     matches!(s, Scope::Client(n) | Scope::Source(n) if n.is_empty() || n.len() > 255)
 }
 
-async fn status(State(s): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
+async fn status(
+    State(s): State<Arc<Shared>>,
+    Extension(access): Extension<Access>,
+    RawQuery(q): RawQuery,
+) -> Response {
     let scope = match scope_of(q.as_deref()) {
         Ok(scope) => scope,
         Err(r) => return r.into_response(),
@@ -121,12 +176,16 @@ async fn status(State(s): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Response
         .board
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .status(&scope, Timestamp::now());
+        .status_as(&access, &scope, Timestamp::now());
     Json(status).into_response()
 }
 
 /// `/api/check`: everything `pumpwatch check` prints, in one small answer.
-async fn check(State(s): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
+async fn check(
+    State(s): State<Arc<Shared>>,
+    Extension(access): Extension<Access>,
+    RawQuery(q): RawQuery,
+) -> Response {
     let scope = match scope_of(q.as_deref()) {
         Ok(scope) => scope,
         Err(r) => return r.into_response(),
@@ -135,12 +194,16 @@ async fn check(State(s): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Response 
         .board
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .check(&scope, Timestamp::now());
+        .check_as(&access, &scope, Timestamp::now());
     Json(answer).into_response()
 }
 
 /// `/api/history?kind=client&name=a&name=b`: chart data of the named entities.
-async fn history(State(s): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Response {
+async fn history(
+    State(s): State<Arc<Shared>>,
+    Extension(access): Extension<Access>,
+    RawQuery(q): RawQuery,
+) -> Response {
     let mut kind = None;
     let mut names = Vec::new();
     for (k, v) in url::form_urlencoded::parse(q.unwrap_or_default().as_bytes()) {
@@ -163,7 +226,7 @@ async fn history(State(s): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Respons
     let board = s.board.lock().unwrap_or_else(|p| p.into_inner());
     let out: BTreeMap<String, _> = names
         .into_iter()
-        .filter_map(|n| board.series(kind, &n).map(|series| (n, series)))
+        .filter_map(|n| board.series_as(&access, kind, &n).map(|series| (n, series)))
         .collect();
     Json(out).into_response()
 }
@@ -173,6 +236,7 @@ async fn history(State(s): State<Arc<Shared>>, RawQuery(q): RawQuery) -> Respons
 /// when serve stops.
 async fn events(
     State(s): State<Arc<Shared>>,
+    Extension(access): Extension<Access>,
     RawQuery(q): RawQuery,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, BadScope> {
     struct St {
@@ -180,20 +244,34 @@ async fn events(
         since: u64,
         tick: tokio::time::Interval,
         scope: Scope,
+        access: Access,
+        /// A stream opened with a login ends then: the page reconnects and logs in again.
+        until: Option<tokio::time::Instant>,
     }
     let scope = scope_of(q.as_deref())?;
     let mut tick = tokio::time::interval(s.push_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let until = (s.gate.mode() == crate::config::AuthMode::Broker)
+        .then(|| tokio::time::Instant::now() + super::auth::STREAM_RELOGIN);
     let st = St {
         shared: s,
         since: 0,
         tick,
         scope,
+        access,
+        until,
     };
     let stream = futures_util::stream::unfold(st, |mut st| async move {
         loop {
+            let relogin = async {
+                match st.until {
+                    Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = st.shared.shutdown.cancelled() => return None,
+                _ = relogin => return None,
                 _ = st.tick.tick() => {}
             }
             let delta = {
@@ -201,7 +279,7 @@ async fn events(
                 if st.since != 0 && b.version() <= st.since {
                     None
                 } else {
-                    Some(b.delta(st.since, &st.scope, Timestamp::now()))
+                    Some(b.delta_as(&st.access, st.since, &st.scope, Timestamp::now()))
                 }
             };
             if let Some(d) = delta {
