@@ -372,7 +372,10 @@ impl AuthMode {
 /// An environment variable name: `[A-Za-z_][A-Za-z0-9_]*`, at most 128 bytes.
 pub fn is_valid_env_name(name: &str) -> bool {
     name.len() <= 128
-        && name.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
@@ -1530,12 +1533,21 @@ interval = "1m"
         assert_eq!(c.metrics_token_env.as_deref(), Some("PW_METRICS"));
         assert_eq!(c.trusted_proxies.len(), 2);
         let d = Config::default().serve;
-        assert_eq!((d.auth, d.login_cache), (AuthMode::Broker, Duration::from_secs(60)));
+        assert_eq!(
+            (d.auth, d.login_cache),
+            (AuthMode::Broker, Duration::from_secs(60))
+        );
         for (text, key) in [
             ("[serve]\nauth = \"maybe\"", "serve.auth"),
-            ("[serve]\nmetrics_token_env = \"s3cret token\"", "serve.metrics_token_env"),
+            (
+                "[serve]\nmetrics_token_env = \"s3cret token\"",
+                "serve.metrics_token_env",
+            ),
             ("[serve]\ntls_cert = \"/c.pem\"", "serve.tls_key"),
-            ("[serve]\ntrusted_proxies = [\"proxy\"]", "serve.trusted_proxies"),
+            (
+                "[serve]\ntrusted_proxies = [\"proxy\"]",
+                "serve.trusted_proxies",
+            ),
             ("[serve]\nlogin_cache = 7200", "serve.login_cache"),
         ] {
             let e = Config::parse(text, "t.toml").unwrap_err().to_string();

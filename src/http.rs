@@ -238,11 +238,14 @@ impl Listener {
             let tls = self.tls.as_ref().map(Tls::acceptor);
             tasks.spawn(async move {
                 match tls {
-                    None => serve_connection(stream, peer, app, conn, conns, limits, shutdown).await,
+                    None => {
+                        serve_connection(stream, peer, app, conn, conns, limits, shutdown).await
+                    }
                     Some(acceptor) => {
                         // The handshake is bounded by the header deadline, and a connection
                         // still in it is idle for the cap (pushed out first).
-                        let shake = tokio::time::timeout(limits.header_timeout, acceptor.accept(stream));
+                        let shake =
+                            tokio::time::timeout(limits.header_timeout, acceptor.accept(stream));
                         let tls_stream = tokio::select! {
                             r = shake => match r {
                                 Ok(Ok(s)) => Some(s),
@@ -256,7 +259,9 @@ impl Listener {
                             _ = shutdown.cancelled() => None,
                         };
                         match tls_stream {
-                            Some(s) => serve_connection(s, peer, app, conn, conns, limits, shutdown).await,
+                            Some(s) => {
+                                serve_connection(s, peer, app, conn, conns, limits, shutdown).await
+                            }
                             None => conns.close(conn.id),
                         }
                     }

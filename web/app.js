@@ -23,6 +23,9 @@
   let frame = 0;
   const stats = { events: 0, applyMs: 0, renderMs: 0, maxApplyMs: 0, maxRenderMs: 0 };
   window.__pw = stats;
+  let pump = null;
+  // What the page holds, for the tests (what an account was told, and nothing more).
+  window.__pwState = () => ({ pump, total, entities: [...entities.values()] });
 
   // A pair (one client's transfers of one source's products) is known by its label,
   // "cfs on radar"; a removal carries name and source only.
@@ -81,6 +84,7 @@
     for (const r of d.removed) { const k = keyOf(r); entities.delete(k); hist.delete(k); }
     if (d.full) for (const k of hist.keys()) if (!entities.has(k)) hist.delete(k);
     total = d.total;
+    pump = d.pump;
     if (totalHist.loaded) push(totalHist, total.point);
     const ps = $("pump-state");
     ps.textContent = d.pump.state; ps.className = "badge " + d.pump.state;

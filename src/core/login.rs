@@ -99,8 +99,14 @@ pub fn parse_authorization(value: &[u8]) -> Result<Presented, BadHeader> {
 }
 
 fn trim(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |i| i + 1);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |i| i + 1);
     &b[start..end.max(start)]
 }
 
@@ -387,11 +393,22 @@ mod tests {
             (basic("alice:"), BadHeader::EmptySecret),
             (b"Bearer".to_vec(), BadHeader::EmptySecret),
             (b"Basic /w==".to_vec(), BadHeader::Utf8),
-            (basic(&format!("a:{}", "x".repeat(MAX_SECRET + 1))), BadHeader::TooLong),
-            (basic(&format!("{}:x", "u".repeat(MAX_USER + 1))), BadHeader::TooLong),
+            (
+                basic(&format!("a:{}", "x".repeat(MAX_SECRET + 1))),
+                BadHeader::TooLong,
+            ),
+            (
+                basic(&format!("{}:x", "u".repeat(MAX_USER + 1))),
+                BadHeader::TooLong,
+            ),
             (vec![b'x'; 100_000], BadHeader::Scheme),
         ] {
-            assert_eq!(parse_authorization(&bad), Err(why), "{:?}", String::from_utf8_lossy(&bad[..bad.len().min(40)]));
+            assert_eq!(
+                parse_authorization(&bad),
+                Err(why),
+                "{:?}",
+                String::from_utf8_lossy(&bad[..bad.len().min(40)])
+            );
         }
     }
 

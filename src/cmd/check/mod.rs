@@ -46,7 +46,12 @@ pub struct Args {
     pub timeout: String,
     /// Log in to serve as this pump account [default: the broker URL's user, sent only
     /// when serve asks for a login].
-    #[arg(long, value_name = "NAME", requires = "password_env", conflicts_with = "token_env")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "password_env",
+        conflicts_with = "token_env"
+    )]
     pub user: Option<String>,
     /// The environment variable holding --user's password.
     #[arg(long, value_name = "VAR", requires = "user")]
@@ -61,10 +66,16 @@ pub struct Args {
 #[derive(Clone, PartialEq, Eq)]
 pub enum Login {
     /// Told to: sent with the request.
-    Basic { user: String, password: String },
+    Basic {
+        user: String,
+        password: String,
+    },
     Bearer(String),
     /// The broker URL's account, sent only after serve answered 401.
-    IfAsked { user: String, password: String },
+    IfAsked {
+        user: String,
+        password: String,
+    },
 }
 
 impl std::fmt::Debug for Login {

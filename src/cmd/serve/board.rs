@@ -1768,12 +1768,36 @@ mod tests {
             let at = t(end);
             b.apply(&d(cfs(), None, reading(end, 30 * k, 0, 30)), at);
             b.apply(&d(edu(), None, reading(end, 10 * k, 0, 10)), at);
-            b.apply(&d(Subject::Source("radar".into()), None, reading(end, 20 * k, 0, 20)), at);
-            b.apply(&d(Subject::Source("sat".into()), None, reading(end, 20 * k, 0, 20)), at);
-            b.apply(&d(Subject::AllClients, None, reading(end, 40 * k, 0, 40)), at);
+            b.apply(
+                &d(
+                    Subject::Source("radar".into()),
+                    None,
+                    reading(end, 20 * k, 0, 20),
+                ),
+                at,
+            );
+            b.apply(
+                &d(
+                    Subject::Source("sat".into()),
+                    None,
+                    reading(end, 20 * k, 0, 20),
+                ),
+                at,
+            );
+            b.apply(
+                &d(Subject::AllClients, None, reading(end, 40 * k, 0, 40)),
+                at,
+            );
             b.apply(&d(cfs(), Some("radar"), reading(end, 20 * k, 0, 20)), at);
             // sat's products stop reaching cfs after the first minute.
-            b.apply(&d(cfs(), Some("sat"), reading(end, 10, 0, u64::from(k == 1) * 10)), at);
+            b.apply(
+                &d(
+                    cfs(),
+                    Some("sat"),
+                    reading(end, 10, 0, u64::from(k == 1) * 10),
+                ),
+                at,
+            );
             b.apply(&d(edu(), Some("sat"), reading(end, 10 * k, 0, 10)), at);
         }
         b.sweep(t(300.0));
@@ -1816,9 +1840,14 @@ mod tests {
         let c = b.check_as(&radar, &Scope::Client("cfs".into()), now);
         let subject = c.subject.unwrap();
         assert!(subject.known);
-        assert!((subject.files_per_s - 20.0 / 60.0).abs() < 1e-9, "{subject:?}");
+        assert!(
+            (subject.files_per_s - 20.0 / 60.0).abs() < 1e-9,
+            "{subject:?}"
+        );
         assert_eq!(
-            b.status_as(&radar, &Scope::Source("radar".into()), now).clients.len(),
+            b.status_as(&radar, &Scope::Source("radar".into()), now)
+                .clients
+                .len(),
             1
         );
         for scope in [Scope::Source("sat".into()), Scope::Client("edu".into())] {
@@ -1829,7 +1858,10 @@ mod tests {
         // History: its own, by the names it sees.
         assert!(b.series_as(&radar, Kind::Client, "cfs").is_some());
         assert_eq!(
-            b.series_as(&radar, Kind::Total, "all").unwrap().files_per_s.len(),
+            b.series_as(&radar, Kind::Total, "all")
+                .unwrap()
+                .files_per_s
+                .len(),
             5
         );
         for (kind, name) in [
@@ -1897,7 +1929,11 @@ mod tests {
 
     #[test]
     fn one_sources_own_serve_shows_that_source_and_the_admins() {
-        let b = Board::new(&pump(), View::Source("radar".into()), Duration::from_secs(60));
+        let b = Board::new(
+            &pump(),
+            View::Source("radar".into()),
+            Duration::from_secs(60),
+        );
         assert!(b.sees(&Access::Admin));
         assert!(b.sees(&Access::Source("radar".into())));
         assert!(!b.sees(&Access::Source("sat".into())));

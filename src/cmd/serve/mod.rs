@@ -32,10 +32,10 @@ pub use board::{Access, Board, CheckAnswer, Kind, Scope, Status, View};
 
 use super::{Common, Error, UsageError, parse_duration, parse_listen};
 use crate::broker::amqp::{AmqpError, Client, ConnectOptions, QueueDecl, Topology};
+use crate::broker::mgmt::MgmtClient;
 use crate::broker::names;
 use crate::broker::url::BrokerUrl;
 use crate::cmd::speedo;
-use crate::broker::mgmt::MgmtClient;
 use crate::config::{AuthMode, Config as PumpConfig, Role};
 use crate::core::text;
 use crate::http::{Limits, Listener, Tls};
@@ -248,7 +248,11 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), Error> {
     let server = Server::bind(cfg).await?;
     eprintln!(
         "pumpwatch serve: {}://{} ({}; {})",
-        if server.cfg.tls.is_some() { "https" } else { "http" },
+        if server.cfg.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        },
         server.local_addr(),
         server.view().label(),
         match server.cfg.gate.mode {
@@ -795,5 +799,47 @@ mod tests {
         std::fs::write(&path, "[thresholds.cfs]\ntd = 5\n").unwrap();
         reload(&cfg, &board, &gate);
         assert_eq!(td(&board), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn auth_none_is_refused_where_others_could_look() {
+        let users = PumpConfig::parse("[users.radar]\nrole = \"source\"\n", "t.toml").unwrap();
+        let broker = BrokerUrl::parse("amqp://localhost").unwrap();
+        let args = |listen: &str| Args {
+            listen: Some(listen.into()),
+            auth: Some(AuthMode::None),
+            ..Args::default()
+        };
+        let with_users = Common::with_broker(users, &broker);
+        let e = Config::from_args(args("0.0.0.0:8080"), &with_users).unwrap_err();
+        assert!(e.to_string().contains("--auth none on 0.0.0.0:8080"), "{e}");
+        for ok in ["127.0.0.1:8080", "[::1]:8080"] {
+            let c = Config::from_args(args(ok), &with_users).unwrap();
+            assert_eq!(c.gate.mode, AuthMode::None);
+        }
+        // A pump without users has nothing to keep apart.
+        let bare = Common::with_broker(PumpConfig::default(), &broker);
+        assert!(Config::from_args(args("0.0.0.0:8080"), &bare).is_ok());
+        // The default is to log in.
+        let c = Config::from_args(Args::default(), &with_users).unwrap();
+        assert_eq!(c.gate.mode, AuthMode::Broker);
+        assert!(c.gate.mgmt.is_some());
+    }
+
+    #[test]
+    fn a_tls_pair_that_does_not_load_is_a_usage_error() {
+        let broker = BrokerUrl::parse("amqp://localhost").unwrap();
+        let common = Common::with_broker(PumpConfig::default(), &broker);
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, "not a certificate").unwrap();
+        std::fs::write(&key, "").unwrap();
+        let args = Args {
+            tls_cert: Some(cert),
+            tls_key: Some(key),
+            ..Args::default()
+        };
+        let e = Config::from_args(args, &common).unwrap_err().to_string();
+        assert!(e.starts_with("TLS ") && e.contains("c.pem"), "{e}");
     }
 }

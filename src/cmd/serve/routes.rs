@@ -41,9 +41,13 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/history", get(history))
         .route("/api/events", get(events))
         .route_layer(middleware::from_fn_with_state(shared.clone(), login));
-    let check = Router::new()
-        .route("/api/check", get(check))
-        .route_layer(middleware::from_fn_with_state(shared.clone(), login_or_token));
+    let check =
+        Router::new()
+            .route("/api/check", get(check))
+            .route_layer(middleware::from_fn_with_state(
+                shared.clone(),
+                login_or_token,
+            ));
     let metrics = Router::new()
         .route("/metrics", crate::http::metrics(shared.registry.clone()))
         .route_layer(middleware::from_fn_with_state(shared.clone(), metrics_gate));
@@ -93,8 +97,10 @@ async fn gate(s: Arc<Shared>, need: Need, mut req: Request, next: Next) -> Respo
         .unwrap_or_else(|p| p.into_inner())
         .sees(&access);
     if !sees {
-        return Refusal::Forbidden("this serve shows one source's view: that source's and the admins'")
-            .response(s.gate.realm());
+        return Refusal::Forbidden(
+            "this serve shows one source's view: that source's and the admins'",
+        )
+        .response(s.gate.realm());
     }
     req.extensions_mut().insert(access);
     next.run(req).await
@@ -172,11 +178,11 @@ async fn status(
         Ok(scope) => scope,
         Err(r) => return r.into_response(),
     };
-    let status = s
-        .board
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .status_as(&access, &scope, Timestamp::now());
+    let status = s.board.lock().unwrap_or_else(|p| p.into_inner()).status_as(
+        &access,
+        &scope,
+        Timestamp::now(),
+    );
     Json(status).into_response()
 }
 
@@ -190,11 +196,11 @@ async fn check(
         Ok(scope) => scope,
         Err(r) => return r.into_response(),
     };
-    let answer = s
-        .board
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .check_as(&access, &scope, Timestamp::now());
+    let answer = s.board.lock().unwrap_or_else(|p| p.into_inner()).check_as(
+        &access,
+        &scope,
+        Timestamp::now(),
+    );
     Json(answer).into_response()
 }
 
