@@ -104,28 +104,26 @@ pub enum Event {
     Blocked(bool),
 }
 
-/// A message being assembled from its frames.
+/// A message being assembled from its frames: the `basic.deliver` or `basic.return` that
+/// announced it, then its properties and body.
 struct Partial {
-    what: PartialKind,
+    method: Method,
     properties: Option<Result<Properties, CodecError>>,
     body_size: u64,
     received: u64,
     body: Vec<u8>,
 }
 
-enum PartialKind {
-    Deliver {
-        tag: u64,
-        redelivered: bool,
-        exchange: String,
-        routing_key: String,
-    },
-    Return {
-        code: u16,
-        text: String,
-        exchange: String,
-        routing_key: String,
-    },
+impl Partial {
+    fn new(method: Method) -> Partial {
+        Partial {
+            method,
+            properties: None,
+            body_size: 0,
+            received: 0,
+            body: Vec::new(),
+        }
+    }
 }
 
 /// The state of the publishing channel.
@@ -577,7 +575,7 @@ impl Session {
                 FRAME_HEADER => {
                     let (body_size, properties) = parse_content_header_lenient(frame.payload)?;
                     self.rpos += n;
-                    if let Some(p) = self.partial(channel) {
+                    if let Some(p) = self.slot(channel).as_mut() {
                         p.body_size = body_size;
                         p.properties = Some(properties);
                     }
@@ -607,20 +605,17 @@ impl Session {
         Ok(())
     }
 
-    fn partial(&mut self, channel: u16) -> Option<&mut Partial> {
+    /// Where a message arriving on `channel` is assembled.
+    fn slot(&mut self, channel: u16) -> &mut Option<Partial> {
         if channel == self.consume_ch {
-            self.delivering.as_mut()
+            &mut self.delivering
         } else {
-            self.returning.as_mut()
+            &mut self.returning
         }
     }
 
     fn finish_if_complete(&mut self, channel: u16, out: &mut Vec<Event>) {
-        let slot = if channel == self.consume_ch {
-            &mut self.delivering
-        } else {
-            &mut self.returning
-        };
+        let slot = self.slot(channel);
         let done = slot
             .as_ref()
             .is_some_and(|p| p.properties.is_some() && p.received >= p.body_size);
@@ -628,9 +623,9 @@ impl Session {
             return;
         }
         let Some(p) = slot.take() else { return };
-        match p.what {
-            PartialKind::Deliver {
-                tag,
+        match p.method {
+            Method::Deliver {
+                delivery_tag,
                 redelivered,
                 exchange,
                 routing_key,
@@ -646,7 +641,7 @@ impl Session {
                     .map(|t| t.headers())
                     .unwrap_or_default();
                 out.push(Event::Delivery(Box::new(Delivery {
-                    tag,
+                    tag: delivery_tag,
                     redelivered,
                     exchange,
                     routing_key,
@@ -657,7 +652,7 @@ impl Session {
                     bad_properties,
                 })));
             }
-            PartialKind::Return {
+            Method::Return {
                 code,
                 text,
                 exchange,
@@ -668,49 +663,14 @@ impl Session {
                 exchange,
                 routing_key,
             }),
+            _ => {}
         }
     }
 
     fn method(&mut self, channel: u16, m: Method, out: &mut Vec<Event>) -> Result<(), WireError> {
         match m {
-            Method::Deliver {
-                delivery_tag,
-                redelivered,
-                exchange,
-                routing_key,
-            } => {
-                self.delivering = Some(Partial {
-                    what: PartialKind::Deliver {
-                        tag: delivery_tag,
-                        redelivered,
-                        exchange,
-                        routing_key,
-                    },
-                    properties: None,
-                    body_size: 0,
-                    received: 0,
-                    body: Vec::new(),
-                });
-            }
-            Method::Return {
-                code,
-                text,
-                exchange,
-                routing_key,
-            } => {
-                self.returning = Some(Partial {
-                    what: PartialKind::Return {
-                        code,
-                        text,
-                        exchange,
-                        routing_key,
-                    },
-                    properties: None,
-                    body_size: 0,
-                    received: 0,
-                    body: Vec::new(),
-                });
-            }
+            m @ Method::Deliver { .. } => self.delivering = Some(Partial::new(m)),
+            m @ Method::Return { .. } => self.returning = Some(Partial::new(m)),
             Method::Ack { tag, multiple } if channel == self.publish_ch => {
                 out.push(Event::Confirm {
                     seq: self.seq_base + tag,
