@@ -474,7 +474,11 @@ async fn sr3_report_is_attributed_through_the_announcement_it_answers() {
     let t0 = std::time::Instant::now();
     shutdown.cancel();
     handle.await.unwrap().unwrap();
-    assert!(t0.elapsed() < Duration::from_secs(2), "stop took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "stop took {:?}",
+        t0.elapsed()
+    );
     let all = radar.0.lock().unwrap();
     assert_eq!(all[0].1.get_str(names::H_CLIENT), Some(cfs));
     assert_eq!(all[0].1.get_str(names::H_SOURCE), Some(p.radar.as_str()));

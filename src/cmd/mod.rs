@@ -304,6 +304,57 @@ impl Tasks {
     }
 }
 
+/// The report filters `log` and `archive` share (SPEC §4.3), as flags.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct FilterArgs {
+    /// Only reports about this source's products.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Only reports by this client (consumer account).
+    #[arg(long)]
+    pub client: Option<String>,
+    /// Only reports from this consumer host.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Only reports whose relPath matches this regex.
+    #[arg(long, value_name = "REGEX", value_parser = parse_regex)]
+    pub file: Option<Regex>,
+    /// Only reports of this flow.
+    #[arg(long)]
+    pub flow: Option<String>,
+    /// Only these codes: 4xx, 499, 200-299, or a comma list.
+    #[arg(long, value_name = "CODES")]
+    pub code: Option<crate::core::CodeRange>,
+    /// Only reports from or to this cluster.
+    #[arg(long)]
+    pub cluster: Option<String>,
+}
+
+impl FilterArgs {
+    /// `filter` with every flag given replacing its field.
+    pub fn over(self, mut filter: crate::core::filter::Filter) -> crate::core::filter::Filter {
+        let strings = [
+            (&mut filter.source, self.source),
+            (&mut filter.client, self.client),
+            (&mut filter.host, self.host),
+            (&mut filter.flow, self.flow),
+            (&mut filter.cluster, self.cluster),
+        ];
+        for (slot, v) in strings {
+            if v.is_some() {
+                *slot = v;
+            }
+        }
+        if self.code.is_some() {
+            filter.code = self.code;
+        }
+        if self.file.is_some() {
+            filter.file = self.file;
+        }
+        filter
+    }
+}
+
 /// A regex flag value; the error is the last line of regex's explanation.
 pub fn parse_regex(s: &str) -> Result<Regex, String> {
     Regex::new(s).map_err(|e| {

@@ -24,20 +24,18 @@
 
 pub mod store;
 
-use super::{Common, Error, UsageError, parse_duration, parse_listen, parse_regex};
+use super::{Common, Error, FilterArgs, UsageError, parse_duration, parse_listen};
 use crate::broker::amqp::{Client, ConnectOptions, Delivery, ExchangeDecl, Topology};
 use crate::broker::names;
 use crate::broker::url::BrokerUrl;
 use crate::config::{ARCHIVE_BATCH_MAX, ArchiveSettings, Fsync};
 use crate::core::archive::{TimeSource, hour_path, write_report};
 use crate::core::attribution::{Attributor, Who};
-use crate::core::code::CodeRange;
 use crate::core::filter::Filter;
 use crate::core::report::{self, Message, Report};
 use crate::core::{Stamp, text};
 use crate::http::{Limits, Listener};
 use crate::shutdown::Shutdown;
-use regex::Regex;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -79,27 +77,9 @@ pub struct Args {
     /// zstd level of closed hours, 1 to 19 [default: archive.zstd_level, 6].
     #[arg(long, value_name = "N")]
     pub zstd_level: Option<i32>,
-    /// Only archive these codes: 4xx, 499, 200-299, or a comma list.
-    #[arg(long, value_name = "CODES")]
-    pub code: Option<CodeRange>,
-    /// Only reports about this source's products.
-    #[arg(long)]
-    pub source: Option<String>,
-    /// Only reports by this client.
-    #[arg(long)]
-    pub client: Option<String>,
-    /// Only reports from this consumer host.
-    #[arg(long)]
-    pub host: Option<String>,
-    /// Only reports of this flow.
-    #[arg(long)]
-    pub flow: Option<String>,
-    /// Only reports whose relPath matches this regex.
-    #[arg(long, value_name = "REGEX", value_parser = parse_regex)]
-    pub file: Option<Regex>,
-    /// Only reports from or to this cluster.
-    #[arg(long)]
-    pub cluster: Option<String>,
+    /// Only archive the reports passing these (as `log`'s) [default: archive.filter].
+    #[command(flatten)]
+    pub filters: FilterArgs,
 }
 
 /// Everything `archive` needs, validated.
@@ -185,24 +165,7 @@ impl Config {
                 "invalid --zstd-level {zstd_level}: must be 1 to 19"
             )));
         }
-        let mut filter = s.filter;
-        for (slot, v) in [
-            (&mut filter.source, a.source),
-            (&mut filter.client, a.client),
-            (&mut filter.host, a.host),
-            (&mut filter.flow, a.flow),
-            (&mut filter.cluster, a.cluster),
-        ] {
-            if v.is_some() {
-                *slot = v;
-            }
-        }
-        if a.code.is_some() {
-            filter.code = a.code;
-        }
-        if a.file.is_some() {
-            filter.file = a.file;
-        }
+        let filter = a.filters.over(s.filter);
         Ok(Config {
             broker: common.broker.clone(),
             feeder: names::feeder(&pump, common.broker.user()),

@@ -5,14 +5,13 @@
 
 mod output;
 
-use super::{Common, Error, UsageError, parse_duration, parse_regex};
+use super::{Common, Error, FilterArgs, UsageError, parse_duration, parse_regex};
 use crate::broker::amqp::{AmqpError, Client, ConnectOptions, QueueDecl, Topology};
 use crate::broker::names;
 use crate::broker::url::BrokerUrl;
 use crate::config::Role;
 use crate::core::Headers;
 use crate::core::attribution::Attributor;
-use crate::core::code::CodeRange;
 use crate::core::filter::Filter;
 use crate::core::report::{self, Message};
 use crate::core::text;
@@ -31,27 +30,8 @@ pub struct Args {
     /// Bind to this exchange instead of xreport (admins) or xr_<user> (a source).
     #[arg(long, value_name = "NAME")]
     pub exchange: Option<String>,
-    /// Only reports about this source's products.
-    #[arg(long)]
-    pub source: Option<String>,
-    /// Only reports by this client (consumer account).
-    #[arg(long)]
-    pub client: Option<String>,
-    /// Only reports from this consumer host.
-    #[arg(long)]
-    pub host: Option<String>,
-    /// Only reports whose relPath matches this regex.
-    #[arg(long, value_name = "REGEX", value_parser = parse_regex)]
-    pub file: Option<Regex>,
-    /// Only reports of this flow.
-    #[arg(long)]
-    pub flow: Option<String>,
-    /// Only these codes: 4xx, 499, 200-299, or a comma list.
-    #[arg(long, value_name = "CODES")]
-    pub code: Option<CodeRange>,
-    /// Only reports from or to this cluster.
-    #[arg(long)]
-    pub cluster: Option<String>,
+    #[command(flatten)]
+    pub filters: FilterArgs,
     /// One JSON object per line (the normalised report).
     #[arg(long, conflicts_with = "raw")]
     pub json: bool,
@@ -123,16 +103,10 @@ impl Config {
             exchange: a.exchange,
             report_exchange: file.exchanges.report.clone(),
             user_is_source: file.role_of(common.broker.user()) == Some(Role::Source),
-            filter: Filter {
+            filter: a.filters.over(Filter {
                 pattern: a.pattern,
-                source: a.source,
-                client: a.client,
-                host: a.host,
-                file: a.file,
-                flow: a.flow,
-                code: a.code,
-                cluster: a.cluster,
-            },
+                ..Filter::default()
+            }),
             attributor: file.attributor(),
             output: if a.json {
                 Output::Json
