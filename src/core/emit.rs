@@ -163,6 +163,45 @@ fn v01(r: &Report) -> Outgoing {
     }
 }
 
+/// `<pubTime> <baseUrl> <relPath>`: the body of a v02 post (and of sr3 writing v02).
+fn post_body(r: &Report) -> Vec<u8> {
+    format!(
+        "{} {} {}",
+        stamp(r).v02(),
+        word(Some(&r.base_url)),
+        word(Some(&r.rel_path))
+    )
+    .into_bytes()
+}
+
+/// The announcement (post) of `r`'s product in `format`'s family: a v02 post
+/// (`v02.post.<dirs>`, body `<pubTime> <baseUrl> <relPath>`, post headers) for v01, v02 and
+/// sr3-writing-v02; a v03 post (`v03.<dirs>`, JSON without a `report` member) for v03 and
+/// sr2-writing-v03. Code, host, user and message are not part of a post.
+pub fn announcement(r: &Report, format: Format) -> Outgoing {
+    match format {
+        Format::V01 | Format::V02 | Format::V02Sr3 => Outgoing {
+            routing_key: topic_for("v02.post", &r.rel_path, false),
+            body: post_body(r),
+            content_type: "text/plain",
+            headers: post_headers(r, false),
+        },
+        Format::V03 | Format::V03Sr2 => {
+            let mut headers = Headers::new();
+            for (k, v) in r.extra.iter() {
+                headers.0.push((k.to_owned(), v.clone()));
+            }
+            Outgoing {
+                routing_key: topic_for("v03", &r.rel_path, false),
+                // Serialising plain structs of strings and numbers cannot fail.
+                body: serde_json::to_vec(&json_out(r, None)).unwrap_or_default(),
+                content_type: "application/json",
+                headers,
+            }
+        }
+    }
+}
+
 fn v02_sr3(r: &Report) -> Outgoing {
     let mut table = Headers::new();
     table.set("code", i64::from(r.code));
@@ -174,15 +213,9 @@ fn v02_sr3(r: &Report) -> Outgoing {
     }
     let mut headers = post_headers(r, false);
     headers.set("report", table);
-    let body = format!(
-        "{} {} {}",
-        stamp(r).v02(),
-        word(Some(&r.base_url)),
-        word(Some(&r.rel_path))
-    );
     Outgoing {
         routing_key: topic_for("v02.post", &r.rel_path, false),
-        body: body.into_bytes(),
+        body: post_body(r),
         content_type: "text/plain",
         headers,
     }
@@ -230,7 +263,24 @@ struct JsonOut<'a> {
     size: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     identity: Option<&'a Identity>,
-    report: JsonReport<'a>,
+    /// Absent in an announcement.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    report: Option<JsonReport<'a>>,
+}
+
+fn json_out<'a>(r: &'a Report, report: Option<JsonReport<'a>>) -> JsonOut<'a> {
+    JsonOut {
+        pub_time: stamp(r).v03(),
+        base_url: &r.base_url,
+        rel_path: &r.rel_path,
+        source: r.source.as_deref(),
+        from_cluster: r.from_cluster.as_deref(),
+        to_clusters: (!r.to_clusters.is_empty()).then(|| r.to_clusters.join(",")),
+        flow: r.flow.as_deref(),
+        size: r.size_bytes,
+        identity: r.identity.as_ref(),
+        report,
+    }
 }
 
 #[derive(Serialize)]
@@ -271,18 +321,7 @@ fn v03(r: &Report) -> Outgoing {
             elapsed: r.duration_s,
         }
     };
-    let j = JsonOut {
-        pub_time: stamp(r).v03(),
-        base_url: &r.base_url,
-        rel_path: &r.rel_path,
-        source: r.source.as_deref(),
-        from_cluster: r.from_cluster.as_deref(),
-        to_clusters: (!r.to_clusters.is_empty()).then(|| r.to_clusters.join(",")),
-        flow: r.flow.as_deref(),
-        size: r.size_bytes,
-        identity: r.identity.as_ref(),
-        report,
-    };
+    let j = json_out(r, Some(report));
     let mut headers = Headers::new();
     if !sr3 && let Some(m) = &r.message {
         headers.set("message", short(m));

@@ -422,6 +422,24 @@ proptest! {
     }
 
     #[test]
+    fn announcement_parse_round_trip(r in any_report()) {
+        for f in [Format::V01, Format::V02, Format::V02Sr3, Format::V03, Format::V03Sr2] {
+            let out = crate::core::emit::announcement(&r, f);
+            let h = out.headers.clone();
+            let got = parse(&inc(&out.routing_key, &out.body, Some(out.content_type), &h));
+            let Ok(Message::Announcement(a)) = got else {
+                return Err(TestCaseError::fail(format!("{f}: not an announcement: {got:?}")));
+            };
+            prop_assert_eq!(&a.rel_path, &r.rel_path);
+            prop_assert_eq!(&a.base_url, &r.base_url);
+            prop_assert_eq!(a.pub_time, r.pub_time);
+            prop_assert_eq!(&a.source, &r.source);
+            prop_assert_eq!(&a.identity, &r.identity);
+            prop_assert_eq!(a.size_bytes, r.size_bytes);
+        }
+    }
+
+    #[test]
     fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..400), key in ".{0,40}") {
         let h = Headers::new();
         let _ = parse(&inc(&key, &body, None, &h));

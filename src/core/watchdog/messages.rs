@@ -6,11 +6,11 @@
 
 use super::persist::TransferRow;
 use super::{Failure, Recovery};
-use crate::core::emit::Outgoing;
+use crate::core::emit::{self, Outgoing};
 use crate::core::headers::{HeaderValue, Headers};
-use crate::core::report::{Format, Identity};
+use crate::core::report::{Format, Identity, Report};
 use crate::core::stamp::Stamp;
-use crate::core::topic::{MAX_SHORT, encode_word, topic_for, truncate_utf8};
+use crate::core::topic::{MAX_SHORT, encode_word, truncate_utf8};
 use serde::Serialize;
 
 /// Transfers listed in one failure message at most; a bigger failure is split in parts
@@ -36,114 +36,33 @@ fn short(s: &str) -> HeaderValue {
     HeaderValue::Str(s)
 }
 
-/// Body fields are space-separated: encode spaces as Sarracenia does; `-` for nothing.
-fn word(s: &str) -> String {
-    if s.is_empty() {
-        "-".to_owned()
-    } else {
-        s.replace(' ', "%20")
-    }
-}
-
-fn sum_letter(method: &str) -> &str {
-    match method {
-        "md5" => "d",
-        "sha512" => "s",
-        "md5name" => "n",
-        "random" => "0",
-        "cod" => "z",
-        "arbitrary" => "a",
-        other => other,
-    }
-}
-
-/// The announcement of `t`'s product, as its 102 report's format family posts it: a v02
-/// post (`v02.post.<dirs>`, body `<pubTime> <baseUrl> <relPath>`, post headers) for v01,
-/// v02 and sr3-writing-v02 reports; a v03 post (`v03.<dirs>`, JSON) for v03 and
-/// sr2-writing-v03 reports. Without a pubTime the start time stands in.
+/// The announcement of `t`'s product, as its 102 report's format family posts it
+/// ([`emit::announcement`]). Without a pubTime the start time stands in.
 pub fn announcement(t: &TransferRow) -> Outgoing {
-    match t.format {
-        Format::V03 | Format::V03Sr2 => v03(t),
-        Format::V01 | Format::V02 | Format::V02Sr3 => v02(t),
-    }
-}
-
-fn v02(t: &TransferRow) -> Outgoing {
-    let stamp = t.pub_time.unwrap_or(t.started);
-    let mut h = Headers::new();
-    if let Some(size) = t.size {
-        h.set("parts", format!("1,{size},1,0,0"));
-    }
-    if let Some(Identity { method, value }) = &t.identity {
-        h.set("sum", short(&format!("{},{value}", sum_letter(method))));
-    }
-    for (k, v) in [
-        ("source", &t.source),
-        ("from_cluster", &t.from_cluster),
-        ("flow", &t.flow),
-    ] {
-        if let Some(v) = v {
-            h.set(k, short(v));
-        }
-    }
-    if !t.to_clusters.is_empty() {
-        h.set("to_clusters", short(&t.to_clusters.join(",")));
-    }
-    Outgoing {
-        routing_key: topic_for("v02.post", &t.rel_path, false),
-        body: format!(
-            "{} {} {}",
-            stamp.v02(),
-            word(&t.base_url),
-            word(&t.rel_path)
-        )
-        .into_bytes(),
-        content_type: "text/plain",
-        headers: h,
-    }
-}
-
-#[derive(Serialize)]
-struct Post<'a> {
-    #[serde(rename = "pubTime")]
-    pub_time: String,
-    #[serde(rename = "baseUrl")]
-    base_url: &'a str,
-    #[serde(rename = "relPath")]
-    rel_path: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    identity: Option<&'a Identity>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    size: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    source: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    from_cluster: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    to_clusters: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    flow: Option<&'a str>,
-}
-
-fn v03(t: &TransferRow) -> Outgoing {
-    let post = Post {
-        pub_time: t.pub_time.unwrap_or(t.started).v03(),
-        base_url: &t.base_url,
-        rel_path: &t.rel_path,
-        identity: t.identity.as_ref(),
-        size: t.size,
-        source: t.source.as_deref(),
-        from_cluster: t.from_cluster.as_deref(),
-        to_clusters: (!t.to_clusters.is_empty()).then(|| t.to_clusters.join(",")),
-        flow: t.flow.as_deref(),
+    let r = Report {
+        format: t.format,
+        topic: String::new(),
+        exchange: String::new(),
+        pub_time: Some(t.pub_time.unwrap_or(t.started)),
+        base_url: t.base_url.clone(),
+        rel_path: t.rel_path.clone(),
+        code: 102,
+        message: None,
+        host: None,
+        user: None,
+        duration_s: None,
+        source: t.source.clone(),
+        from_cluster: t.from_cluster.clone(),
+        to_clusters: t.to_clusters.clone(),
+        flow: t.flow.clone(),
+        size_bytes: t.size,
+        identity: t.identity.clone(),
+        time_completed: None,
+        stamped_client: None,
+        stamped_source: None,
+        extra: Headers::new(),
     };
-    Outgoing {
-        routing_key: topic_for("v03", &t.rel_path, false),
-        // Plain structs of strings and numbers always serialise.
-        body: serde_json::to_vec(&post).unwrap_or_default(),
-        content_type: "application/json",
-        headers: Headers::new(),
-    }
+    emit::announcement(&r, t.format)
 }
 
 fn notice_key(kind: &str, host: &str) -> String {
