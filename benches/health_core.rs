@@ -15,31 +15,9 @@ use pumpwatch::core::lag::{Lag, LagMeter, LagRules};
 use pumpwatch::core::nagios::Range;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
 
-/// Bytes currently allocated, to measure what the structures hold.
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
-        unsafe { System.realloc(p, l, new) }
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
+#[path = "common/alloc.rs"]
+mod alloc;
 
 const NAMES: usize = 10_000;
 const WINDOW: usize = 10;
@@ -101,20 +79,20 @@ fn lags() -> Vec<f64> {
 }
 
 fn memory_report(names: &[String]) {
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = alloc::live();
     let b = learned(names);
-    let used = LIVE.load(Ordering::Relaxed) - before;
+    let used = alloc::live() - before;
     println!(
         "memory: {} names learned in all 168 hours: {used} bytes ({} per name)",
         b.len(),
         used / names.len() as isize
     );
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = alloc::live();
     let mut m = LagMeter::default();
     for x in lags().iter().take(100_000) {
         let _ = m.record(*x);
     }
-    let after_lags = LIVE.load(Ordering::Relaxed);
+    let after_lags = alloc::live();
     // The input vector is freed again; what stays is the meter's buckets.
     println!(
         "memory: one lag meter after 100 000 lags over 10 ms .. 3 h: {} bytes of buckets",

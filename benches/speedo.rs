@@ -13,33 +13,11 @@ use pumpwatch::cmd::speedo::{Sample, Settings, Speedometers};
 use pumpwatch::core::lag::LagRules;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
-/// Bytes currently allocated, to measure what the meters hold.
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
-        unsafe { System.realloc(p, l, new) }
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
+#[path = "common/alloc.rs"]
+mod alloc;
 
 const CLIENTS: usize = 10_000;
 const SOURCES: usize = 1_000;
@@ -108,7 +86,7 @@ fn warm(m: &mut Speedometers, n: &Names) {
 }
 
 fn memory_report(n: &Names) {
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = alloc::live();
     let mut m = Speedometers::new(settings(), t0());
     for c in &n.clients {
         m.record(&Sample {
@@ -119,12 +97,12 @@ fn memory_report(n: &Names) {
             lag: None,
         });
     }
-    let clients_only = LIVE.load(Ordering::Relaxed) - before;
+    let clients_only = alloc::live() - before;
     drop(m);
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = alloc::live();
     let mut m = Speedometers::new(settings(), t0());
     warm(&mut m, n);
-    let full = LIVE.load(Ordering::Relaxed) - before;
+    let full = alloc::live() - before;
     let (c, s, p) = m.sizes();
     println!(
         "memory: {CLIENTS} clients alone: {clients_only} bytes ({} per client); \

@@ -20,33 +20,11 @@ use pumpwatch::core::watchdog::{Settings, Watchdog};
 use pumpwatch::core::{Headers, Stamp};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt::Write;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
-/// Bytes currently allocated, to measure what the watchdog holds.
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
-        unsafe { System.realloc(p, l, new) }
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
+#[path = "common/alloc.rs"]
+mod alloc;
 
 const HOSTS: usize = 50;
 const CLIENTS: usize = 500;
@@ -155,14 +133,14 @@ fn rss_kb() -> Option<i64> {
 fn memory_report(n: &Names) -> Watchdog {
     let mut rng = SmallRng::seed_from_u64(11);
     let mut r = blank();
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = alloc::live();
     let rss_before = rss_kb();
     let mut w = Watchdog::new(settings());
     for i in 0..OPEN {
         fill(&mut r, n, &mut rng, i, 1_718_400_000);
         w.record(&r, r.user.as_deref(), t0());
     }
-    let live = LIVE.load(Ordering::Relaxed) - before;
+    let live = alloc::live() - before;
     let rss = rss_kb()
         .zip(rss_before)
         .map(|(a, b)| format!("{:.1} MB", (a - b) as f64 / 1024.0))

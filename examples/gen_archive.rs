@@ -14,7 +14,7 @@ use pumpwatch::config::Config;
 use pumpwatch::core::Stamp;
 use pumpwatch::core::archive::line::file_name;
 use pumpwatch::core::archive::{TimeSource, write_report};
-use pumpwatch::core::report::{Incoming, Message, parse};
+use pumpwatch::core::report::{Message, parse};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
@@ -70,14 +70,7 @@ fn main() {
                 .expect("time"),
         );
         for s in g.next_product(t) {
-            let inc = Incoming {
-                exchange: &s.exchange,
-                routing_key: &s.out.routing_key,
-                body: &s.out.body,
-                content_type: Some(s.out.content_type),
-                user_id: None,
-                headers: &s.out.headers,
-            };
+            let inc = s.incoming();
             let Ok(Message::Report(r)) = parse(&inc) else {
                 panic!("the generator made something that is not a report")
             };

@@ -1044,7 +1044,7 @@ impl MgmtClient {
         let transport = |e: reqwest::Error| MgmtError::Transport {
             method: method.clone(),
             path: self.display_path(path),
-            reason: scrub(&error_chain(&e)),
+            reason: scrub(&crate::core::text::error_chain(&e)),
         };
         let response = request.send().await.map_err(transport)?;
         let status = response.status();
@@ -1117,21 +1117,6 @@ fn truncate(text: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}...", &text[..end])
-}
-
-/// `reqwest::Error`'s own text hides the cause ("error sending request"); add the chain.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// The user and password of a URL (`amqp://user:pass@host/vhost`), percent-decoded;

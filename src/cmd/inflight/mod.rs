@@ -170,7 +170,7 @@ pub async fn fetch(cfg: &Config) -> Result<String, Error> {
         } else if e.is_connect() {
             "nothing listening (is pumpwatch watchdog running?)".to_owned()
         } else {
-            one_line(&error_chain(&e))
+            one_line(&text::error_chain(&e))
         };
         Error::Failed(format!("cannot reach the watchdog at {}: {why}", cfg.url))
     };
@@ -187,20 +187,6 @@ pub async fn fetch(cfg: &Config) -> Result<String, Error> {
         )));
     }
     Ok(body)
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 fn one_line(s: &str) -> String {

@@ -114,6 +114,20 @@ pub struct Sim {
     pub format: Format,
 }
 
+impl Sim {
+    /// The message as a consumer of `exchange` receives it (no `user_id`), for parsing.
+    pub fn incoming(&self) -> crate::core::report::Incoming<'_> {
+        crate::core::report::Incoming {
+            exchange: &self.exchange,
+            routing_key: &self.out.routing_key,
+            body: &self.out.body,
+            content_type: Some(self.out.content_type),
+            user_id: None,
+            headers: &self.out.headers,
+        }
+    }
+}
+
 pub struct Generator {
     plan: Plan,
     rng: SmallRng,
@@ -309,7 +323,7 @@ fn message(code: u16) -> &'static str {
 mod tests {
     use super::*;
     use crate::broker::names::exchange_owner;
-    use crate::core::report::{Incoming, Message, parse};
+    use crate::core::report::{Message, parse};
 
     fn now() -> Stamp {
         Stamp::parse("20261127T120000").unwrap()
@@ -332,14 +346,7 @@ mod tests {
         let mut g = Generator::new(plan);
         for _ in 0..500 {
             for s in g.next_product(now()) {
-                let inc = Incoming {
-                    exchange: &s.exchange,
-                    routing_key: &s.out.routing_key,
-                    body: &s.out.body,
-                    content_type: Some(s.out.content_type),
-                    user_id: None,
-                    headers: &s.out.headers,
-                };
+                let inc = s.incoming();
                 let Ok(Message::Report(r)) = parse(&inc) else {
                     panic!("{s:?}")
                 };
@@ -388,14 +395,7 @@ mod tests {
                     .any(|s| s.code != 102 && s.rel_path == lost.rel_path)
             );
             // In a format that names the host.
-            let inc = Incoming {
-                exchange: &lost.exchange,
-                routing_key: &lost.out.routing_key,
-                body: &lost.out.body,
-                content_type: Some(lost.out.content_type),
-                user_id: None,
-                headers: &lost.out.headers,
-            };
+            let inc = lost.incoming();
             let Ok(Message::Report(r)) = parse(&inc) else {
                 panic!("{lost:?}")
             };
