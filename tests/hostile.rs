@@ -37,27 +37,7 @@ use tokio::net::TcpStream;
 
 const T: Duration = Duration::from_secs(30);
 
-/// Deletes the listed broker users when dropped (`setup` makes them broker-wide).
-struct DropUsers(Vec<String>);
-
-impl Drop for DropUsers {
-    fn drop(&mut self) {
-        let users = std::mem::take(&mut self.0);
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                let mgmt = common::admin_client();
-                for u in users {
-                    let _ = mgmt.delete_user(&u).await;
-                }
-            });
-        })
-        .join();
-    }
-}
+use common::DropUsers;
 
 /// A pump declared by `setup` on a fresh vhost: real users, real passwords.
 struct Pump {

@@ -26,31 +26,7 @@ use serde_json::{Map, json};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
-/// Deletes the listed broker users when dropped (also when the test panicked).
-struct DropUsers(Vec<String>);
-
-impl Drop for DropUsers {
-    fn drop(&mut self) {
-        let users = std::mem::take(&mut self.0);
-        // Same reasoning as the vhost guard: no awaiting in drop, so a thread with its
-        // own runtime and client.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                let mgmt = common::admin_client();
-                for u in users {
-                    if let Err(e) = mgmt.delete_user(&u).await {
-                        eprintln!("WARNING: deleting test user {u}: {e}");
-                    }
-                }
-            });
-        })
-        .join();
-    }
-}
+use common::DropUsers;
 
 /// A pump declared for a test: the config (with the vhost's user prefix), the
 /// "environment" holding the passwords, and the guard for the users.

@@ -69,6 +69,32 @@ pub struct TestUser {
     pub amqp_url: String,
 }
 
+/// Deletes the listed broker users when dropped (also when the test panicked).
+pub struct DropUsers(pub Vec<String>);
+
+impl Drop for DropUsers {
+    fn drop(&mut self) {
+        let users = std::mem::take(&mut self.0);
+        // As in the vhost guard: no awaiting in drop, so a thread with its
+        // own runtime and client.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let mgmt = admin_client();
+                for u in users {
+                    if let Err(e) = mgmt.delete_user(&u).await {
+                        eprintln!("WARNING: deleting test user {u}: {e}");
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
+
 /// The usual entry point: `let Some(vh) = common::vhost("route").await else { return };`
 pub async fn vhost(prefix: &str) -> Option<TestVhost> {
     TestVhost::new(prefix).await
