@@ -13,8 +13,10 @@
 
 mod common;
 
+use common::watch::{Got, Seen, consume};
+
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::TestVhost;
@@ -223,55 +225,8 @@ fn report(source: &str, client: &str, from_cluster: &str, i: usize) -> Report {
     }
 }
 
-/// (routing key, headers, body) of one delivery.
-type Msg = (String, Headers, Vec<u8>);
-
-/// Everything consumed from one queue (acked once recorded).
-#[derive(Clone, Default)]
-struct Seen(Arc<Mutex<Vec<Msg>>>);
-
-impl Seen {
-    fn len(&self) -> usize {
-        self.0.lock().unwrap().len()
-    }
-    fn all(&self) -> Vec<Msg> {
-        self.0.lock().unwrap().clone()
-    }
-}
-
-/// Consumes `queue` (declared by `setup`) as guest into `seen`, until the client closes.
-async fn consume(url: &str, queue: &str, seen: &Seen) -> Client {
-    let client = Client::connect(
-        &common::broker(url),
-        ConnectOptions {
-            name: format!("test reader {queue}"),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let mut consumer = client.consume(queue, 1000).await.unwrap();
-    let seen = seen.clone();
-    tokio::spawn(async move {
-        while let Some(Ok(d)) = consumer.next().await {
-            seen.0.lock().unwrap().push((
-                d.routing_key.clone(),
-                d.props.headers.clone(),
-                d.body.clone(),
-            ));
-            let _ = d.ack().await;
-        }
-    });
-    client
-}
-
 async fn wait_len(seen: &Seen, n: usize, what: &str) {
-    let s = seen.clone();
-    common::wait_until(what, T, || {
-        let len = s.len();
-        async move { len >= n }
-    })
-    .await;
+    seen.wait_len(n, what, T).await;
 }
 
 /// Publishes each message with confirms, as `url`'s user, to its own `xs_<user>`;
@@ -366,13 +321,19 @@ fn reports(a: &Pump, c: &Pump, range: std::ops::Range<usize>) -> Vec<Outgoing> {
 /// Checks every delivery on pumpA against what was sent: stamps, hops, routing key and
 /// bytes; returns how many of each body arrived.
 fn check_arrivals(
-    seen: &[Msg],
+    seen: &[Got],
     sent: &HashMap<Vec<u8>, String>,
     client_of: &dyn Fn(&[u8]) -> String,
     source: &str,
 ) -> HashMap<Vec<u8>, usize> {
     let mut count = HashMap::new();
-    for (key, h, body) in seen {
+    for Got {
+        routing_key: key,
+        headers: h,
+        body,
+        ..
+    } in seen
+    {
         let Some(sent_key) = sent.get(body) else {
             panic!(
                 "bytes changed or unknown: {:?}",
@@ -577,24 +538,9 @@ async fn a_pump_that_vanishes_gets_its_reports_when_it_is_back() {
 
 /// A queue of the test's own on `exchange` of pump `p`, as guest.
 async fn watch(p: &Pump, exchange: &str, seen: &Seen) -> Client {
-    use pumpwatch::broker::amqp::{BindingDecl, QueueDecl, Topology};
+    use pumpwatch::broker::amqp::{QueueDecl, Topology};
     let queue = format!("test.watch.{exchange}");
-    let topology = Topology {
-        exchanges: vec![],
-        queues: vec![QueueDecl {
-            name: queue.clone(),
-            durable: true,
-            exclusive: false,
-            auto_delete: false,
-            arguments: Headers::new(),
-        }],
-        bindings: vec![BindingDecl {
-            queue: queue.clone(),
-            exchange: exchange.to_owned(),
-            routing_key: "#".into(),
-        }],
-        exchange_bindings: vec![],
-    };
+    let topology = Topology::bound_queue(QueueDecl::durable(queue.clone()), exchange, "#");
     let client = Client::connect(
         &common::broker(&p.vh.amqp_url),
         ConnectOptions {
@@ -653,22 +599,27 @@ async fn a_loop_in_the_via_routes_ends_at_the_hop_limit() {
     wait_len(&x_seen, 15, "each report 5 times on pumpX's xreport").await;
     wait_len(&y_seen, 12, "each report 4 times on pumpY's xreport").await;
     let sent = by_body(&msgs);
-    for (_, h, body) in y_rej.all() {
-        assert!(sent.contains_key(&body), "original bytes");
-        let reason = h.get_str(names::H_REASON).unwrap_or_default();
+    for g in y_rej.all() {
+        assert!(sent.contains_key(&g.body), "original bytes");
+        let reason = g.headers.get_str(names::H_REASON).unwrap_or_default();
         assert_eq!(reason, "loop: 9 hops");
     }
     let hops = |seen: &Seen| -> BTreeSet<i64> {
         seen.all()
             .iter()
-            .map(|(_, h, _)| h.get(names::H_HOPS).and_then(|v| v.as_i64()).unwrap())
+            .map(|g| {
+                g.headers
+                    .get(names::H_HOPS)
+                    .and_then(|v| v.as_i64())
+                    .unwrap()
+            })
             .collect()
     };
     assert_eq!(hops(&x_seen), BTreeSet::from([0, 2, 4, 6, 8]));
     assert_eq!(hops(&y_seen), BTreeSet::from([1, 3, 5, 7]));
-    for (_, h, _) in x_seen.all().iter().chain(y_seen.all().iter()) {
+    for g in x_seen.all().iter().chain(y_seen.all().iter()) {
         assert_eq!(
-            h.get_str(names::H_CLIENT),
+            g.headers.get_str(names::H_CLIENT),
             Some(cli.as_str()),
             "stamped once, kept"
         );

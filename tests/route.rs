@@ -7,10 +7,12 @@
 
 mod common;
 
+use common::watch::Seen;
+
 use pumpwatch::broker::names;
 
 use common::TestVhost;
-use pumpwatch::broker::amqp::{BindingDecl, Client, ConnectOptions, Delivery, QueueDecl, Topology};
+use pumpwatch::broker::amqp::{Client, ConnectOptions, QueueDecl};
 use pumpwatch::cmd::route;
 use pumpwatch::config::Config;
 use pumpwatch::core::emit::{Outgoing, emit};
@@ -18,7 +20,7 @@ use pumpwatch::core::report::{Format, Identity, Report};
 use pumpwatch::core::{Headers, Stamp};
 use pumpwatch::shutdown::Shutdown;
 use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(90);
@@ -110,81 +112,13 @@ fn report(source: &str, user: &str, i: usize, code: u16) -> Report {
     }
 }
 
-/// (routing key, headers, body) of one message seen.
-type Msg = (String, Headers, Vec<u8>);
-
-/// Collects everything arriving on a queue bound to `exchange`.
-#[derive(Clone, Default)]
-struct Seen(Arc<Mutex<Vec<Msg>>>);
-
-impl Seen {
-    fn len(&self) -> usize {
-        self.0.lock().unwrap().len()
-    }
-    fn rel_paths(&self) -> HashSet<String> {
-        self.0
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|(_, _, body)| {
-                let text = String::from_utf8_lossy(body);
-                text.split_whitespace().nth(2).map(str::to_owned)
-            })
-            .collect()
-    }
-}
-
+/// Everything arriving on `exchange`, through a durable queue of the test's own.
 async fn watch(url: &str, exchange: &str, queue: &str) -> (Client, Seen) {
-    let t = Topology {
-        exchanges: vec![pumpwatch::broker::amqp::ExchangeDecl::topic(exchange)],
-        queues: vec![QueueDecl {
-            name: queue.into(),
-            durable: true,
-            exclusive: false,
-            auto_delete: false,
-            arguments: Headers::new(),
-        }],
-        bindings: vec![BindingDecl {
-            queue: queue.into(),
-            exchange: exchange.into(),
-            routing_key: "#".into(),
-        }],
-        exchange_bindings: vec![],
-    };
-    let client = Client::connect(
-        &common::broker(url),
-        ConnectOptions {
-            name: format!("watch {queue}"),
-            topology: t,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let mut consumer = client.consume(queue, 1000).await.unwrap();
-    let seen = Seen::default();
-    let s = seen.clone();
-    tokio::spawn(async move {
-        while let Some(Ok(d)) = consumer.next().await {
-            let d: Delivery = d;
-            s.0.lock().unwrap().push((
-                d.routing_key.clone(),
-                d.props.headers.clone(),
-                d.body.clone(),
-            ));
-            let _ = d.ack().await;
-        }
-    });
-    (client, seen)
+    common::watch::watch(url, exchange, "#", QueueDecl::durable(queue)).await
 }
 
 async fn wait_count(seen: &Seen, n: usize, what: &str) {
-    let s = seen.clone();
-    common::wait_until(what, T, || {
-        let len = s.len();
-        async move { len >= n }
-    })
-    .await;
+    seen.wait_len(n, what, T).await;
 }
 
 /// Publishes every message with confirms, republishing those whose confirm was lost to a
@@ -314,9 +248,10 @@ async fn reports_reach_their_source_and_only_theirs() {
     handle.await.unwrap().unwrap();
 
     for (seen, source, n) in [(&radar, &p.radar, 510), (&sat, &p.sat, 500)] {
-        let all = seen.0.lock().unwrap();
+        let all = seen.all();
         assert_eq!(all.len(), n, "exactly {n} on xr_{source}");
-        for (key, h, _) in all.iter() {
+        for g in &all {
+            let (key, h) = (&g.routing_key, &g.headers);
             let client = h.get_str(names::H_CLIENT);
             assert!(client == Some(cfs) || client == Some(feed), "{client:?}");
             assert_eq!(h.get_str(names::H_SOURCE), Some(source.as_str()));
@@ -326,15 +261,15 @@ async fn reports_reach_their_source_and_only_theirs() {
         }
     }
     // Admins see every routed report exactly once (the BCC copy is not a second one).
-    let on_xreport = admin.0.lock().unwrap().clone();
+    let on_xreport = admin.all();
     assert_eq!(on_xreport.len(), 1010);
-    let distinct: HashSet<&Vec<u8>> = on_xreport.iter().map(|(_, _, body)| body).collect();
+    let distinct: HashSet<&Vec<u8>> = on_xreport.iter().map(|g| &g.body).collect();
     assert_eq!(distinct.len(), 1010, "each report once on xreport");
-    let rej = rejected.0.lock().unwrap().clone();
+    let rej = rejected.all();
     assert_eq!(rej.len(), 70);
     let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
-    for (_, h, _) in rej.iter() {
-        let r = h.get_str(names::H_REASON).expect("a reason");
+    for g in &rej {
+        let r = g.headers.get_str(names::H_REASON).expect("a reason");
         *reasons
             .entry(r.split(':').next().unwrap().to_owned())
             .or_default() += 1;
@@ -342,7 +277,7 @@ async fn reports_reach_their_source_and_only_theirs() {
     assert_eq!(reasons.get("spoofed"), Some(&50), "{reasons:?}");
     assert_eq!(reasons.get("malformed"), Some(&20), "{reasons:?}");
     // The original bytes are kept.
-    assert!(rej.iter().any(|(_, _, b)| b == b"garbage"));
+    assert!(rej.iter().any(|g| g.body == b"garbage"));
     assert_eq!(counters.get("rejected"), 70);
     assert_eq!(counters.get("routed"), 1010);
     // The same counters as Prometheus metrics (what `route --listen` serves).
@@ -406,10 +341,10 @@ async fn unknown_sources_reach_admins_and_xrejected_and_nobody_else() {
     handle.await.unwrap().unwrap();
     // The unknown source's reports: on xreport for admins and on xrejected, with the
     // reason; the steered one went where it belongs and nowhere else.
-    let rej = rejected.0.lock().unwrap().clone();
+    let rej = rejected.all();
     let reasons: Vec<&str> = rej
         .iter()
-        .map(|(_, h, _)| h.get_str(names::H_REASON).unwrap_or(""))
+        .map(|g| g.headers.get_str(names::H_REASON).unwrap_or(""))
         .collect();
     assert_eq!(
         reasons.iter().filter(|r| **r == "unknown source").count(),
@@ -479,9 +414,12 @@ async fn sr3_report_is_attributed_through_the_announcement_it_answers() {
         "stop took {:?}",
         t0.elapsed()
     );
-    let all = radar.0.lock().unwrap();
-    assert_eq!(all[0].1.get_str(names::H_CLIENT), Some(cfs));
-    assert_eq!(all[0].1.get_str(names::H_SOURCE), Some(p.radar.as_str()));
+    let all = radar.all();
+    assert_eq!(all[0].headers.get_str(names::H_CLIENT), Some(cfs));
+    assert_eq!(
+        all[0].headers.get_str(names::H_SOURCE),
+        Some(p.radar.as_str())
+    );
 }
 
 /// 20 000 reports; `route` loses its connection (or its life) in the middle; every report
@@ -627,7 +565,8 @@ async fn huge_messages_are_rejected_without_being_held() {
     routed.signal("TERM");
     let (code, _, err) = routed.finish(Duration::from_secs(10)).await;
     assert_eq!(code, 0, "{err}");
-    for (_, h, body) in rejected.0.lock().unwrap().iter() {
+    for g in rejected.all() {
+        let (h, body) = (&g.headers, &g.body);
         assert!(
             h.get_str(names::H_REASON)
                 .unwrap_or("")
@@ -668,8 +607,8 @@ async fn refused_outputs_go_to_xrejected_and_a_deleted_exchange_comes_back() {
         .collect();
     publish_all(&p.cfs.amqp_url, &names::user_exchange(&cfs), &first).await;
     wait_count(&rejected, 20, "20 refused reports on xrejected").await;
-    for (_, h, _) in rejected.0.lock().unwrap().iter() {
-        let reason = h.get_str(names::H_REASON).unwrap_or("");
+    for g in rejected.all() {
+        let reason = g.headers.get_str(names::H_REASON).unwrap_or("");
         assert!(reason.starts_with("refused: 403"), "{reason}");
     }
     assert_eq!(radar.len(), 0);

@@ -6,14 +6,13 @@
 
 mod common;
 
-use pumpwatch::broker::amqp::{Client, ConnectOptions, ExchangeDecl, QueueDecl, Topology};
+use pumpwatch::broker::amqp::{Client, ConnectOptions, QueueDecl};
 use pumpwatch::cmd::speedo::{self, Decoded, Subject};
 use pumpwatch::config::Config;
 use pumpwatch::core::emit::{Outgoing, emit};
-use pumpwatch::core::report::{Format, H_CLIENT, H_SOURCE, Identity, Incoming, Report};
+use pumpwatch::core::report::{Format, H_CLIENT, H_SOURCE, Identity, Report};
 use pumpwatch::core::{Headers, Stamp};
 use pumpwatch::shutdown::Shutdown;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(60);
@@ -112,13 +111,24 @@ async fn publish(url: &str, exchange: &str, msgs: &[Outgoing]) {
     client.close().await;
 }
 
-/// Every speedo arriving on `exchange`, decoded, with its headers.
-#[derive(Clone, Default)]
-struct Seen(Arc<Mutex<Vec<(Decoded, Headers)>>>);
+/// Every speedo arriving on an exchange.
+struct Seen(common::watch::Seen);
 
 impl Seen {
+    /// Each decoded, with its headers (`SHOW_SPEEDOS=1` prints them).
     fn all(&self) -> Vec<(Decoded, Headers)> {
-        self.0.lock().unwrap().clone()
+        let show = std::env::var("SHOW_SPEEDOS").is_ok();
+        self.0
+            .all()
+            .iter()
+            .map(|g| {
+                if show {
+                    eprintln!("{} {} {:?}", g.exchange, g.routing_key, g.headers);
+                }
+                let d = speedo::decode(&g.incoming()).expect("speedo publishes valid speedos");
+                (d, g.headers.clone())
+            })
+            .collect()
     }
     /// The latest reading of `subject`.
     fn last(&self, subject: &Subject) -> Option<(Decoded, Headers)> {
@@ -130,46 +140,9 @@ impl Seen {
 }
 
 async fn watch(url: &str, exchange: &str) -> (Client, Seen) {
-    let queue = format!("q_guest.test.{}", exchange);
-    let t = Topology {
-        exchanges: vec![ExchangeDecl::topic(exchange)],
-        ..Topology::bound_queue(
-            QueueDecl::exclusive(queue.clone()),
-            exchange,
-            "v01.speedo.#",
-        )
-    };
-    let client = Client::connect(
-        &common::broker(url),
-        ConnectOptions {
-            name: format!("watch {exchange}"),
-            topology: t,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let mut consumer = client.consume(&queue, 1000).await.unwrap();
-    let seen = Seen::default();
-    let s = seen.clone();
-    tokio::spawn(async move {
-        while let Some(Ok(d)) = consumer.next().await {
-            let inc: Incoming<'_> = d.incoming();
-            let decoded = speedo::decode(&inc).expect("speedo publishes valid speedos");
-            if std::env::var("SHOW_SPEEDOS").is_ok() {
-                eprintln!(
-                    "{} {} headers={:?} body={:?}",
-                    d.exchange,
-                    d.routing_key,
-                    d.props.headers,
-                    String::from_utf8_lossy(&d.body)
-                );
-            }
-            s.0.lock().unwrap().push((decoded, d.props.headers.clone()));
-            let _ = d.ack().await;
-        }
-    });
-    (client, seen)
+    let queue = QueueDecl::exclusive(format!("q_guest.test.{exchange}"));
+    let (client, seen) = common::watch::watch(url, exchange, "v01.speedo.#", queue).await;
+    (client, Seen(seen))
 }
 
 fn counts(d: &Decoded) -> (u64, u64, u64, u64) {

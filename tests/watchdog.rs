@@ -10,18 +10,18 @@
 
 mod common;
 
-use pumpwatch::broker::amqp::{Client, ConnectOptions, ExchangeDecl, QueueDecl, Topology};
+use common::watch::Seen;
+
+use pumpwatch::broker::amqp::{Client, ConnectOptions, QueueDecl};
 use pumpwatch::cmd::simulate;
 use pumpwatch::cmd::watchdog::{self, Daemon};
 use pumpwatch::config::Config;
 use pumpwatch::core::emit::{Outgoing, emit};
-use pumpwatch::core::headers::HeaderValue;
 use pumpwatch::core::report::{self, Format, Identity, Incoming, Message, Report};
 use pumpwatch::core::{Headers, Stamp};
 use pumpwatch::shutdown::Shutdown;
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(20);
@@ -84,74 +84,10 @@ async fn publisher(url: &str) -> Client {
         .unwrap()
 }
 
-/// A message as a test queue received it.
-#[derive(Debug, Clone)]
-struct Got {
-    routing_key: String,
-    content_type: Option<String>,
-    headers: Headers,
-    body: Vec<u8>,
-}
-
-impl Got {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap()
-    }
-
-    fn int(&self, h: &str) -> Option<i64> {
-        match self.headers.get(h) {
-            Some(HeaderValue::Int(i)) => Some(*i),
-            _ => None,
-        }
-    }
-}
-
-#[derive(Clone, Default)]
-struct Seen(Arc<Mutex<Vec<Got>>>);
-
-impl Seen {
-    fn all(&self) -> Vec<Got> {
-        self.0.lock().unwrap().clone()
-    }
-    fn with_prefix(&self, p: &str) -> Vec<Got> {
-        self.all()
-            .into_iter()
-            .filter(|g| g.routing_key.starts_with(p))
-            .collect()
-    }
-}
-
 /// Everything arriving on `exchange` under `key`, through an exclusive queue.
 async fn watch(url: &str, exchange: &str, key: &str) -> (Client, Seen) {
-    let queue = format!("q_guest.test.{exchange}");
-    let t = Topology {
-        exchanges: vec![ExchangeDecl::topic(exchange)],
-        ..Topology::bound_queue(QueueDecl::exclusive(queue.clone()), exchange, key)
-    };
-    let client = Client::connect(
-        &common::broker(url),
-        ConnectOptions {
-            topology: t,
-            ..ConnectOptions::new(format!("watch {exchange}"))
-        },
-    )
-    .await
-    .unwrap();
-    let mut consumer = client.consume(&queue, 1000).await.unwrap();
-    let seen = Seen::default();
-    let s = seen.clone();
-    tokio::spawn(async move {
-        while let Some(Ok(d)) = consumer.next().await {
-            s.0.lock().unwrap().push(Got {
-                routing_key: d.routing_key.clone(),
-                content_type: d.props.content_type.clone(),
-                headers: d.props.headers.clone(),
-                body: d.body.clone(),
-            });
-            let _ = d.ack().await;
-        }
-    });
-    (client, seen)
+    let queue = QueueDecl::exclusive(format!("q_guest.test.{exchange}"));
+    common::watch::watch(url, exchange, key, queue).await
 }
 
 async fn inflight(addr: &str, query: &str) -> Value {

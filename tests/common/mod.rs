@@ -18,6 +18,7 @@
 #![allow(dead_code)] // each test binary uses a different part of this file
 
 pub mod proc;
+pub mod watch;
 
 use std::future::Future;
 use std::sync::Mutex;
