@@ -435,8 +435,11 @@ impl Pipeline {
                     if let Some(t) = ack_upto.take() {
                         s.ack(t, true);
                     }
-                    if *refusals > 3 {
-                        // The broker keeps refusing: do not spin.
+                    let retry = code == 404 || front.kind == Kind::Rejected;
+                    if retry && *refusals > 3 {
+                        // The broker keeps refusing what we retry: do not spin. (A report
+                        // refused for good goes on to xrejected below; that is progress, so
+                        // it waits for nothing.)
                         s.flush().await?;
                         let pause = Duration::from_millis(100 * u64::from((*refusals).min(50)));
                         tokio::time::sleep(pause).await;
