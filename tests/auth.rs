@@ -5,7 +5,11 @@
 //!
 //! - alice sees alice's products only (API, events, history, check), bob likewise, cfs
 //!   its own row only, the admins (boss; guest by its `administrator` tag) everything;
-//! - a wrong password or an unknown user is 401; `/metrics` needs an admin or the token;
+//! - a wrong password or an unknown user is 401, with the same body; `/metrics` needs an
+//!   admin or the token (401 without a login, 403 for a source or a subscriber);
+//! - hostile `Authorization` headers (12 KB, 64 KB, not base64, not UTF-8, NUL, 1000 of
+//!   them) are answered 400/401/431, and serve goes on;
+//! - `--auth none` with users declared and a non-loopback listen is refused (exit 2);
 //! - 30 wrong tries from one address: 10 answered 401, the rest 429 with `Retry-After`,
 //!   and a right password from another address still works; the log tells a wrong
 //!   password, an unknown user and a broker that cannot be asked apart, and never shows
@@ -399,6 +403,36 @@ async fn each_account_sees_only_its_own() {
         "{ev}"
     );
 
+    // cfs asking for a source by name: nothing, not even that it exists.
+    let h = get(
+        &c,
+        p.addr,
+        &format!("/api/history?kind=source&name={alice}&name={bob}"),
+        p.login("cfs"),
+    )
+    .await;
+    assert_eq!((h.status, h.body.as_str()), (200, "{}"));
+    for q in [format!("client={dora}"), format!("source={bob}")] {
+        let chk = get(&c, p.addr, &format!("/api/check?{q}"), p.login("cfs")).await;
+        let v: Value = serde_json::from_str(&chk.body).unwrap();
+        assert_eq!(v["subject"]["known"], false, "{q}: {v}");
+        assert!(!chk.body.contains(&alice), "{q}: {v}");
+    }
+    let chk = get(&c, p.addr, "/api/check", p.login("cfs")).await;
+    let v: Value = serde_json::from_str(&chk.body).unwrap();
+    let count = |k: &str| {
+        ["ok", "warning", "critical", "unknown"]
+            .iter()
+            .map(|st| v[k][st].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    assert_eq!(v["view"], format!("client {cfs}"), "{v}");
+    assert_eq!(
+        (count("clients"), count("sources"), count("pairs")),
+        (1, 0, 0),
+        "{v}"
+    );
+
     // History and check by what each sees; other names are unknown.
     let h = get(
         &c,
@@ -434,6 +468,7 @@ async fn each_account_sees_only_its_own() {
     // No login, a wrong password, an unknown user: 401 and a Basic challenge (from an
     // address of their own: these are 10 failed logins).
     let stranger = http("127.0.0.6".parse().unwrap());
+    let mut bodies = std::collections::BTreeSet::new();
     for (what, login) in [
         ("no login", None),
         ("wrong password", Some((alice.clone(), "wrong".to_owned()))),
@@ -453,8 +488,11 @@ async fn each_account_sees_only_its_own() {
             assert_eq!(a.status, 401, "{what} {path}");
             let www = a.headers["www-authenticate"].to_str().unwrap();
             assert!(www.starts_with("Basic realm=\"pumpwatch "), "{www}");
+            bodies.insert(a.body);
         }
     }
+    // The answer never tells a wrong password from an unknown user (the log does).
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
     let page = get(&c, p.addr, "/", p.login("alice")).await;
     assert_eq!(page.status, 200);
     assert!(page.body.contains("/assets/app.js"));
@@ -470,10 +508,11 @@ async fn each_account_sees_only_its_own() {
             .iter()
             .any(|h| h.to_str().unwrap().starts_with("Bearer"))
     );
-    assert_eq!(
-        get(&c, p.addr, "/metrics", p.login("alice")).await.status,
-        403
-    );
+    for who in ["alice", "cfs"] {
+        let m = get(&c, p.addr, "/metrics", p.login(who)).await;
+        assert_eq!(m.status, 403, "{who}: logged in, but not an admin");
+        assert!(!m.body.contains(&dora), "{who}: {}", m.body);
+    }
     let m = get(&c, p.addr, "/metrics", p.login("boss")).await;
     assert_eq!(m.status, 200);
     assert!(m.body.contains(&format!("client=\"{dora}\"")));
@@ -583,6 +622,156 @@ async fn each_account_sees_only_its_own() {
         "{text}"
     );
     p.stop().await;
+}
+
+/// Sends one raw HTTP/1.1 request (`head` lines without the request line) from `from`;
+/// the status code, 0 when the connection closed without one.
+async fn raw(addr: SocketAddr, from: IpAddr, path: &str, head: &[u8]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(from, 0)).unwrap();
+    let mut s = sock.connect(addr).await.unwrap();
+    let mut req =
+        format!("GET {path} HTTP/1.1\r\nHost: pump\r\nConnection: close\r\n").into_bytes();
+    req.extend_from_slice(head);
+    req.extend_from_slice(b"\r\n");
+    // A server that answers before reading it all may reset: what it said still counts.
+    let _ = s.write_all(&req).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(T, s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    text.strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn hostile_authorization_headers_are_refused_and_serve_goes_on() {
+    let Some(p) = Pump::start("auth-hostile", false).await else {
+        return;
+    };
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let alice = p.user("alice");
+    let from: IpAddr = "127.0.0.7".parse().unwrap();
+    let mut cases: Vec<(&str, Vec<u8>, &[u16])> = vec![
+        (
+            "a 12 KB Basic header",
+            format!("Authorization: Basic {}\r\n", "QUFB".repeat(3000)).into_bytes(),
+            &[401],
+        ),
+        (
+            "a 64 KB header (over the head size bound)",
+            format!("Authorization: Basic {}\r\n", "QUFB".repeat(16_000)).into_bytes(),
+            &[431, 400],
+        ),
+        (
+            "not base64",
+            b"Authorization: Basic !!!not-base64%%%\r\n".to_vec(),
+            &[401],
+        ),
+        (
+            "base64 of bytes that are not UTF-8",
+            format!("Authorization: Basic {}\r\n", b64(b"\xff\xfe:\xc3")).into_bytes(),
+            &[401],
+        ),
+        (
+            "raw non-UTF-8 bytes",
+            b"Authorization: Basic \xff\xfe\xfd\r\n".to_vec(),
+            &[400, 401],
+        ),
+        (
+            "a NUL in the header",
+            b"Authorization: Basic YQ\x00==\r\n".to_vec(),
+            &[400, 401],
+        ),
+        (
+            "no scheme",
+            format!(
+                "Authorization: {}\r\n",
+                b64(format!("{alice}:x").as_bytes())
+            )
+            .into_bytes(),
+            &[401],
+        ),
+        (
+            "a bearer token on the page's API",
+            format!("Authorization: Bearer {TOKEN}\r\n").into_bytes(),
+            &[401],
+        ),
+        (
+            "1000 Authorization headers",
+            "Authorization: Basic eDp5\r\n".repeat(1000).into_bytes(),
+            &[401, 431, 400],
+        ),
+    ];
+    let mut figures = Vec::new();
+    for (what, head, allowed) in cases.drain(..) {
+        let status = raw(p.addr, from, "/api/status", &head).await;
+        figures.push(format!("{what}: {status}"));
+        assert!(allowed.contains(&status), "{what}: {status}");
+    }
+    eprintln!(
+        "FIGURE hostile Authorization headers: {}",
+        figures.join("; ")
+    );
+    // serve is still there, and a right login from elsewhere works; a forged
+    // X-Forwarded-For from a peer that is no trusted proxy changes nothing.
+    let c = http("127.0.0.8".parse().unwrap());
+    assert_eq!(get(&c, p.addr, "/healthz", None).await.status, 200);
+    let forged = c
+        .get(format!("http://{}/api/status", p.addr))
+        .basic_auth(&alice, Some(p.password("alice")))
+        .header("x-forwarded-for", "127.0.0.7, garbage, [::1]:80")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 200);
+    assert!(forged.text().await.unwrap().contains(&alice));
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn auth_none_is_refused_where_others_could_look() {
+    // No broker needed: serve refuses before it connects.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pump.toml");
+    std::fs::write(
+        &file,
+        "[users.radar]\nrole = \"source\"\n[users.cfs]\nrole = \"subscriber\"\n",
+    )
+    .unwrap();
+    let cfg = file.to_str().unwrap();
+    let (code, _, err) = common::proc::run(
+        &[
+            "--config",
+            cfg,
+            "serve",
+            "--auth",
+            "none",
+            "--listen",
+            "0.0.0.0:0",
+        ],
+        T,
+    )
+    .await;
+    eprintln!("serve --auth none --listen 0.0.0.0:0: exit {code}: {err}");
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--auth none on 0.0.0.0:0 would show every source's products to anyone")
+            && err.contains("--auth broker"),
+        "{err}"
+    );
+    // The same from the file's serve.auth.
+    std::fs::write(
+        &file,
+        "[users.radar]\nrole = \"source\"\n[serve]\nauth = \"none\"\nlisten = \"[::]:8080\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = common::proc::run(&["--config", cfg, "serve"], T).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--auth none on [::]:8080"), "{err}");
 }
 
 /// Runs `pumpwatch serve` (the binary, -v) on the pump's file, `global` options before

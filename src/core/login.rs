@@ -402,6 +402,23 @@ mod tests {
                 BadHeader::TooLong,
             ),
             (vec![b'x'; 100_000], BadHeader::Scheme),
+            // Hostile headers: huge, not base64, not UTF-8 inside or outside, NULs.
+            (
+                format!("Basic {}", "QUFB".repeat(25_000)).into_bytes(),
+                BadHeader::TooLong,
+            ),
+            (
+                format!("Bearer {}", "t".repeat(MAX_SECRET + 1)).into_bytes(),
+                BadHeader::TooLong,
+            ),
+            (b"Basic dXNlcjpwYXNz===".to_vec(), BadHeader::Base64),
+            (b"Basic \xff\xfe\x00\x01".to_vec(), BadHeader::Base64),
+            (b"Bearer \xff\xfe".to_vec(), BadHeader::Utf8),
+            (b"\xff\xfe dXNlcjpwYXNz".to_vec(), BadHeader::Scheme),
+            (b"Basic\tdXNlcjpwYXNz".to_vec(), BadHeader::Scheme),
+            (b"Basic ".to_vec(), BadHeader::NoColon),
+            (b"".to_vec(), BadHeader::Scheme),
+            (b"   ".to_vec(), BadHeader::Scheme),
         ] {
             assert_eq!(
                 parse_authorization(&bad),
@@ -422,6 +439,62 @@ mod tests {
         fn any_basic_pair_reads_back(user in "[^:]{1,40}", pw in ".{1,80}") {
             let got = parse_authorization(&basic(&format!("{user}:{pw}")));
             prop_assert_eq!(got, Ok(Presented::Basic { user, password: pw }));
+        }
+
+        #[test]
+        fn a_basic_login_never_shows_its_password(user in "[a-z]{1,12}", pw in "[A-Z0-9]{8,40}") {
+            let p = parse_authorization(&basic(&format!("{user}:{pw}"))).unwrap();
+            let shown = format!("{p:?}");
+            prop_assert!(!shown.contains(&pw), "{}", shown);
+            let b = parse_authorization(format!("Bearer {pw}").as_bytes()).unwrap();
+            let shown = format!("{b:?}");
+            prop_assert!(!shown.contains(&pw), "{}", shown);
+        }
+
+        #[test]
+        fn anything_after_a_scheme_is_read_or_refused(
+            scheme in prop::sample::select(vec!["Basic", "basic", "BEARER", "Bearer", "Negotiate", ""]),
+            rest in proptest::collection::vec(any::<u8>(), 0..6000),
+        ) {
+            let mut v = scheme.as_bytes().to_vec();
+            v.push(b' ');
+            v.extend_from_slice(&rest);
+            match parse_authorization(&v) {
+                Ok(Presented::Basic { user, password }) => {
+                    prop_assert!(!user.is_empty() && user.len() <= MAX_USER);
+                    prop_assert!(!password.is_empty() && password.len() <= MAX_SECRET);
+                }
+                Ok(Presented::Bearer(t)) => prop_assert!(!t.is_empty() && t.len() <= MAX_SECRET),
+                Err(_) => {}
+            }
+        }
+
+        #[test]
+        fn the_cache_gives_back_only_the_password_it_was_given(
+            pw in ".{1,40}", other in ".{1,40}", salt in any::<[u8; 16]>(),
+        ) {
+            let t0 = Instant::now();
+            let mut c = LoginCache::new(Duration::from_secs(60), 10);
+            c.put("alice", &pw, 7, salt, t0);
+            prop_assert_eq!(c.get("alice", &pw, t0), Some(7));
+            prop_assert_eq!(c.get("alice", &other, t0), (other == pw).then_some(7));
+        }
+
+        #[test]
+        fn an_address_is_blocked_after_exactly_burst_failures(
+            burst in 1u32..40, n in 0u32..80, other in any::<u32>(),
+        ) {
+            let t0 = Instant::now();
+            let mut l = FailureLimiter::new(burst, Duration::from_secs(6), 1000);
+            let a: IpAddr = "192.0.2.1".parse().unwrap();
+            for _ in 0..n {
+                l.failed(a, t0);
+            }
+            prop_assert_eq!(l.blocked(a, t0).is_some(), n >= burst);
+            let b = IpAddr::from(other.to_be_bytes());
+            if FailureLimiter::key(b) != FailureLimiter::key(a) {
+                prop_assert!(l.blocked(b, t0).is_none(), "another address is never blocked");
+            }
         }
 
         #[test]
