@@ -129,6 +129,8 @@
     order = v.map(keyOf);
     $("count-clients").textContent = count(nc);
     $("count-sources").textContent = count(ns);
+    $("word-clients").textContent = nc === 1 ? "client" : "clients";
+    $("word-sources").textContent = ns === 1 ? "source" : "sources";
     $("count-shown").textContent = count(order.length);
   }
 

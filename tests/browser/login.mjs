@@ -5,6 +5,7 @@
 // and saves a screenshot. Exits 1 (the reason on stderr) on a leak, a console or page
 // error, or a time-out.
 // Usage: PW_USER=.. PW_PASSWORD=.. PW_EXPECT=a,b PW_FORBIDDEN=c,d node login.mjs <url> <png>
+// (PW_VIEWPORT=1300x620 sizes the window; PW_EVENTS=N waits for N pushed updates, 3.)
 import { chromium } from "playwright-core";
 import fs from "node:fs";
 import os from "node:os";
@@ -14,13 +15,15 @@ const [url, shot] = process.argv.slice(2);
 const expect = (process.env.PW_EXPECT || "").split(",").filter(Boolean);
 const forbidden = (process.env.PW_FORBIDDEN || "").split(",").filter(Boolean);
 const T = 60_000;
+const [vw, vh] = (process.env.PW_VIEWPORT || "1500x700").split("x").map(Number);
+const events = Number(process.env.PW_EVENTS || 3);
 const errors = [];
 const received = [];
 const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "pumpwatch-chromium-"));
 const context = await chromium.launchPersistentContext(userDataDir, {
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
   headless: true,
-  viewport: { width: 1500, height: 700 },
+  viewport: { width: vw, height: vh },
   httpCredentials: { username: process.env.PW_USER, password: process.env.PW_PASSWORD },
   args: [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -45,7 +48,7 @@ async function main() {
   await page.waitForFunction(() => document.getElementById("total-good").textContent !== "0", null, { timeout: T });
   await page.waitForSelector("#total-chart canvas", { timeout: T });
   // A few pushed updates, so the stream has delivered more than its snapshot.
-  await page.waitForFunction(() => window.__pw && window.__pw.events >= 3, null, { timeout: T, polling: 100 });
+  await page.waitForFunction((n) => window.__pw && window.__pw.events >= n, events, { timeout: T, polling: 100 });
   await page.screenshot({ path: shot });
   const html = await page.content();
   const text = await page.evaluate(() => document.body.innerText);
