@@ -20,5 +20,16 @@ pub mod core;
 pub mod http;
 pub mod shutdown;
 
-/// The version `--version` prints.
+/// The package version (also sent to the broker as the client's `version`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The git commit this binary was built from (`build.rs`), "unknown" outside git.
+pub const GIT_COMMIT: &str = env!("PUMPWATCH_GIT_COMMIT");
+
+/// What `pumpwatch --version` prints after the name: the version and the build's commit.
+pub const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("PUMPWATCH_GIT_COMMIT"),
+    ")"
+);

@@ -4,7 +4,7 @@
 #![forbid(unsafe_code)]
 
 use clap::Parser;
-use pumpwatch::cmd::{Cli, Common, Error};
+use pumpwatch::cmd::{Cli, Common, Error, LogFormat};
 use pumpwatch::shutdown;
 use std::process::ExitCode;
 
@@ -15,7 +15,10 @@ fn main() -> ExitCode {
         Err(e) => return clap_exit(e),
     };
     let check = matches!(cli.command, pumpwatch::cmd::Command::Check(_));
-    init_tracing(cli.verbose + u8::from(cli.command.is_daemon()));
+    init_tracing(
+        cli.verbose + u8::from(cli.command.is_daemon()),
+        cli.log_format,
+    );
     let mut builder = if std::env::var("PUMPWATCH_RT").as_deref() == Ok("current") {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -65,7 +68,7 @@ fn is_check() -> bool {
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--config" | "--broker" | "--admin-url" => {
+            "--config" | "--broker" | "--admin-url" | "--log-format" => {
                 args.next();
             }
             a if a.starts_with('-') => {}
@@ -118,7 +121,7 @@ fn clap_exit(e: clap::Error) -> ExitCode {
     }
 }
 
-fn init_tracing(verbose: u8) {
+fn init_tracing(verbose: u8, format: LogFormat) {
     let default = match verbose {
         0 => "warn",
         1 => "info",
@@ -131,9 +134,12 @@ fn init_tracing(verbose: u8) {
     // Colours only on a terminal: escape sequences have no place in a log file, and
     // reading one must never be able to move a cursor.
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        // One object per line: `timestamp`, `level`, `target`, `fields` (with `message`).
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }

@@ -126,3 +126,48 @@ async fn duration_bounds_a_paced_run() {
     // 2 s at 50/s: at most about 100 (fewer on a loaded machine), never unbounded.
     assert!((1..=110).contains(&sent), "{}", out[0]);
 }
+
+#[tokio::test]
+async fn a_stopped_client_reports_nothing_after_its_time() {
+    let Some(vh) = common::vhost("simstop").await else {
+        return;
+    };
+    // Stopped from the start: none of the products it would have handled is reported.
+    let (code, out, err) = proc::run(
+        &[
+            "--broker",
+            &vh.amqp_url,
+            "simulate",
+            "--clients",
+            "3",
+            "--count",
+            "200",
+            "--stop-client",
+            "edu",
+            "--stop-after",
+            "0",
+        ],
+        T,
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let summary = out.join("\n");
+    let by_client = summary.lines().find(|l| l.contains("by client:")).unwrap();
+    assert!(
+        by_client.contains("cfs ") && by_client.contains("nrcan "),
+        "{summary}"
+    );
+    assert!(!by_client.contains("edu"), "{summary}");
+    assert!(
+        summary.contains("edu stopped reporting after 0.0 s"),
+        "{summary}"
+    );
+    // Its products were still made: fewer reports than products.
+    let sent: u64 = out[0].split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!((1..200).contains(&sent), "{}", out[0]);
+    // Only a simulated client can stop.
+    let (code, _, err) =
+        proc::run(&["simulate", "--stop-client", "nobody", "--count", "1"], T).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("the simulated clients are cfs, edu"), "{err}");
+}

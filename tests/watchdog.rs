@@ -525,6 +525,8 @@ async fn simulate_fail_node_leaves_exactly_what_the_watchdog_finds() {
         stamp: None,
         fail_node: Some("node2".into()),
         fail_after: Some(Duration::from_secs(1)),
+        stop_client: None,
+        stop_after: None,
     };
     let cfg = simulate::Config::from_args(args, &common::common(Config::default(), &url)).unwrap();
     let summary = simulate::send(cfg, Shutdown::new()).await.unwrap();

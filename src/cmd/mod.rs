@@ -13,6 +13,7 @@
 pub mod archive;
 pub mod baseline;
 pub mod check;
+pub mod demo;
 pub mod inflight;
 pub mod log;
 pub mod report;
@@ -37,7 +38,7 @@ use std::time::Duration;
 #[derive(Debug, Parser)]
 #[command(
     name = "pumpwatch",
-    version = crate::VERSION,
+    version = crate::LONG_VERSION,
     about = "Monitoring and report propagation for Sarracenia-style data pumps"
 )]
 pub struct Cli {
@@ -59,8 +60,27 @@ pub struct Cli {
     /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Log lines on stderr as text, or as one JSON object per line (for journald or a
+    /// log shipper).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "PUMPWATCH_LOG_FORMAT",
+        default_value_t = LogFormat::Text,
+        value_name = "FORMAT"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -91,6 +111,9 @@ pub enum Command {
     Watchdog(watchdog::Args),
     /// Ask the watchdog what is in flight, per node.
     Inflight(inflight::Args),
+    /// A whole simulated pump in one process: every daemon, the dashboard, and the
+    /// commands to try against it (Ctrl-C stops and removes it).
+    Demo(demo::Args),
 }
 
 impl Command {
@@ -141,6 +164,7 @@ impl Command {
             Command::Inflight(a) => {
                 inflight::run(inflight::Config::from_args(a, common)?, shutdown).await
             }
+            Command::Demo(a) => demo::run(demo::Config::from_args(a, common)?, shutdown).await,
         }
     }
 }

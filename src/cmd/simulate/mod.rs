@@ -61,6 +61,13 @@ pub struct Args {
     /// When --fail-node goes silent, from the start [default: 10 s].
     #[arg(long, value_name = "SECS", value_parser = parse_duration)]
     pub fail_after: Option<Duration>,
+    /// This client (one of the simulated ones) stops reporting at --stop-after, as a
+    /// subscriber that stopped downloading would: serve turns it CRITICAL after td.
+    #[arg(long, value_name = "CLIENT")]
+    pub stop_client: Option<String>,
+    /// When --stop-client stops, from the start [default: 60 s].
+    #[arg(long, value_name = "SECS", value_parser = parse_duration)]
+    pub stop_after: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -73,6 +80,8 @@ pub struct Config {
     pub duration: Option<Duration>,
     /// `--fail-node` and when it fails.
     pub fail: Option<(String, Duration)>,
+    /// `--stop-client` and when it stops.
+    pub stop: Option<(String, Duration)>,
 }
 
 /// What was sent: printed at the end.
@@ -89,6 +98,8 @@ pub struct Summary {
     /// `--fail-node`: the host, when it went silent (after the start), and the products
     /// it left in flight (their 102 sent, their final never).
     pub failed: Option<(String, Duration, Vec<Sim>)>,
+    /// `--stop-client`: the client, when it stopped (after the start).
+    pub stopped: Option<(String, Duration)>,
 }
 
 impl fmt::Display for Summary {
@@ -127,6 +138,13 @@ impl fmt::Display for Summary {
                 "  {host} went silent after {:.1} s with {} transfers in flight",
                 after.as_secs_f64(),
                 lost.len()
+            )?;
+        }
+        if let Some((client, after)) = &self.stopped {
+            writeln!(
+                f,
+                "  {client} stopped reporting after {:.1} s",
+                after.as_secs_f64()
             )?;
         }
         write!(f, "  unroutable (no queue bound): {}", self.unroutable)
@@ -185,6 +203,22 @@ impl Config {
             }
             (None, None) => None,
         };
+        let stop = match (a.stop_client, a.stop_after) {
+            (Some(client), after) => {
+                if !plan.clients.contains(&client) {
+                    return Err(UsageError(format!(
+                        "invalid --stop-client {:?}: the simulated clients are {}",
+                        crate::core::text::escape(&client),
+                        plan.clients.join(", ")
+                    )));
+                }
+                Some((client, after.unwrap_or(Duration::from_secs(60))))
+            }
+            (None, Some(_)) => {
+                return Err(UsageError::new("--stop-after needs --stop-client CLIENT"));
+            }
+            (None, None) => None,
+        };
         Ok(Config {
             broker: common.broker.clone(),
             plan,
@@ -192,6 +226,7 @@ impl Config {
             count: a.count,
             duration: a.duration,
             fail,
+            stop,
         })
     }
 }
@@ -270,6 +305,16 @@ pub async fn send(cfg: Config, shutdown: Shutdown) -> Result<Summary, AmqpError>
                 summary.failed = Some((f.host.clone(), start.elapsed(), f.lost.clone()));
             }
             sims = f.pass(sims);
+        }
+        if let Some((client, after)) = &cfg.stop
+            && start.elapsed() >= *after
+        {
+            // The product is still made (the rate and --count are the pump's), but the
+            // stopped client reports nothing of it.
+            if summary.stopped.is_none() {
+                summary.stopped = Some((client.clone(), start.elapsed()));
+            }
+            sims.retain(|s| s.client != *client);
         }
         for sim in sims {
             match client.publish(&sim.exchange, &sim.out).await {
