@@ -16,7 +16,8 @@
 //!   a password;
 //! - `pumpwatch check` logs in (the broker URL's account when asked, `--user`,
 //!   `--token-env`);
-//! - HTTPS with `--tls-cert/--tls-key`;
+//! - HTTPS with `--tls-cert/--tls-key`, and `check` over it (trusting `--ca-file`, UNKNOWN
+//!   without);
 //! - the page, logged in as alice in headless Chromium, shows no other source's name.
 
 mod common;
@@ -936,6 +937,64 @@ async fn https_with_a_certificate() {
         a.starts_with("HTTP/1.1 200") && a.contains(&p.user("alice")),
         "{a}"
     );
+    // check over HTTPS: trusting the pump's CA, as alice (the broker URL's account) and
+    // with the token (the real binary); without the CA it is UNKNOWN, saying why.
+    let url = format!("https://localhost:{}", p.addr.port());
+    let ca = dir.join("ca.pem");
+    let as_alice = common::common(
+        p.config.clone(),
+        &p.vh.amqp_url_as(&p.user("alice"), &p.password("alice")),
+    );
+    let args = check::Args {
+        url: url.clone(),
+        timeout: "10".into(),
+        ca_file: Some(ca.clone()),
+        ..Default::default()
+    };
+    let cfg = check::Config::from_args(args, &as_alice).unwrap();
+    p.traffic("alice", "cfs", 10, 0).await;
+    p.traffic("bob", "dora", 10, 0).await;
+    let line = common::wait_for("check over https as alice says OK", T, || {
+        let cfg = cfg.clone();
+        async move {
+            let out = check::query(&cfg).await;
+            (out.exit_code() == 0).then(|| out.render())
+        }
+    })
+    .await;
+    eprintln!("check over https as alice: {line}");
+    assert!(
+        line.starts_with("PUMPWATCH OK") && !line.contains(&p.user("bob")),
+        "{line}"
+    );
+    let ca_arg = ca.to_str().unwrap();
+    let (code, out) = pumpwatch(
+        &[
+            "check",
+            "--url",
+            &url,
+            "--ca-file",
+            ca_arg,
+            "--token-env",
+            "PW_T",
+        ],
+        &[("PW_T", TOKEN)],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("2 clients, 2 sources OK"), "{out}");
+    let (code, out) = pumpwatch(
+        &["check", "--url", &url, "--token-env", "PW_T"],
+        &[("PW_T", TOKEN)],
+    )
+    .await;
+    eprintln!("check over https without the CA: {out}");
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.starts_with("PUMPWATCH UNKNOWN - serve at https://localhost:") && out.contains("TLS"),
+        "{out}"
+    );
+
     // Plain HTTP to the HTTPS port gets no answer.
     let plain = reqwest::Client::new()
         .get(format!("http://{}/healthz", p.addr))
@@ -944,6 +1003,24 @@ async fn https_with_a_certificate() {
         .await;
     assert!(plain.is_err() || plain.unwrap().status() != 200);
     p.stop().await;
+}
+
+/// Runs the real binary to completion with `env` added: its exit code and stdout.
+async fn pumpwatch(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let out = tokio::process::Command::new(common::proc::bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .env_remove("PUMPWATCH_BROKER")
+        .current_dir(std::env::temp_dir())
+        .output();
+    let out = tokio::time::timeout(T, out)
+        .await
+        .expect("pumpwatch finishes")
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 /// The browser test needs Debian's chromium and tests/browser/node_modules
