@@ -697,9 +697,14 @@ async fn hostile_authorization_headers_are_refused_and_serve_goes_on() {
             &[401],
         ),
         (
-            "a bearer token on the page's API",
-            format!("Authorization: Bearer {TOKEN}\r\n").into_bytes(),
+            "a wrong bearer token",
+            b"Authorization: Bearer metrics-token-guessed-000000\r\n".to_vec(),
             &[401],
+        ),
+        (
+            "the right bearer token on the page's API (it opens /metrics only)",
+            format!("Authorization: Bearer {TOKEN}\r\n").into_bytes(),
+            &[403],
         ),
         (
             "1000 Authorization headers",
