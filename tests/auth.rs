@@ -18,6 +18,9 @@
 //!   `--token-env`);
 //! - HTTPS with `--tls-cert/--tls-key`, and `check` over it (trusting `--ca-file`, UNKNOWN
 //!   without);
+//! - behind a trusted reverse proxy failed logins count per forwarded client; a peer that
+//!   is no trusted proxy counts as itself whatever its `X-Forwarded-For` says;
+//! - SIGHUP reads the roles again and forgets the remembered logins;
 //! - the page, logged in as alice in headless Chromium, shows no other source's name.
 
 mod common;
@@ -40,6 +43,8 @@ use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(30);
 const TOKEN: &str = "metrics-token-0123456789abcdef";
+/// The address of a trusted reverse proxy (`serve.trusted_proxies`).
+const PROXY: &str = "127.0.0.9";
 
 use common::DropUsers;
 
@@ -84,6 +89,8 @@ impl Pump {
             names.push(full);
         }
         toml.push_str("[speedo]\ninterval = 0.5\nall_interval = 0.5\n");
+        // A reverse proxy at 127.0.0.9 (the other tests never connect from there).
+        toml.push_str(&format!("[serve]\ntrusted_proxies = [\"{PROXY}\"]\n"));
         let config = Config::parse(&toml, "auth.toml").unwrap_or_else(|e| panic!("{e}"));
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("pump.toml");
@@ -622,6 +629,103 @@ async fn each_account_sees_only_its_own() {
         text.starts_with("PUMPWATCH UNKNOWN - ") && text.contains("401"),
         "{text}"
     );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_failed_logins_count_per_client() {
+    let Some(p) = Pump::start("auth-proxy", false).await else {
+        return;
+    };
+    let (serve, addr) = serve_binary(&p, &[]).await;
+    let alice = p.user("alice");
+    let proxy = http(PROXY.parse().unwrap());
+    // As nginx does: the client's address in X-Forwarded-For (after whatever it claimed).
+    let via = |client: &'static str, login: (String, String)| {
+        let proxy = proxy.clone();
+        async move {
+            let r = proxy
+                .get(format!("http://{addr}/api/status"))
+                .basic_auth(login.0, Some(login.1))
+                .header("x-forwarded-for", format!("10.9.9.9, {client}"))
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        }
+    };
+    let mut got = Vec::new();
+    for i in 0..12 {
+        got.push(via("203.0.113.1", (alice.clone(), format!("guess{i}"))).await);
+    }
+    assert_eq!(&got[..10], [401; 10], "{got:?}");
+    assert_eq!(&got[10..], [429; 2], "{got:?}");
+    // Another client behind the same proxy still logs in; the guesser stays blocked.
+    assert_eq!(via("203.0.113.2", p.login("alice").unwrap()).await, 200);
+    assert_eq!(via("203.0.113.1", p.login("alice").unwrap()).await, 429);
+    // A peer that is no trusted proxy is counted as itself, whatever it claims.
+    let liar = http("127.0.0.10".parse().unwrap());
+    for i in 0..10 {
+        let a = liar
+            .get(format!("http://{addr}/api/status"))
+            .basic_auth(&alice, Some(format!("guess{i}")))
+            .header("x-forwarded-for", format!("198.51.100.{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(a.status(), 401);
+    }
+    assert_eq!(
+        get(&liar, addr, "/api/status", p.login("alice"))
+            .await
+            .status,
+        429
+    );
+    let log = serve.stderr_text();
+    assert!(
+        log.contains(&format!(
+            "203.0.113.1: login of \"{alice}\" refused: wrong password"
+        )) && log.contains("203.0.113.1: 10 failed logins; answering 429")
+            && log.contains("127.0.0.10: 10 failed logins; answering 429")
+            && !log.contains("10.9.9.9")
+            && !log.contains("198.51.100."),
+        "{log}"
+    );
+    p.stop().await;
+}
+
+#[tokio::test]
+async fn sighup_reads_the_roles_again_and_forgets_the_logins() {
+    let Some(p) = Pump::start("auth-hup", false).await else {
+        return;
+    };
+    let (serve, addr) = serve_binary(&p, &[]).await;
+    let c = http("127.0.0.1".parse().unwrap());
+    let view = |login| {
+        let c = c.clone();
+        async move {
+            let a = get(&c, addr, "/api/status", login).await;
+            assert_eq!(a.status, 200, "{}", a.body);
+            serde_json::from_str::<Value>(&a.body).unwrap()["pump"]["view"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let alice = p.user("alice");
+    assert_eq!(view(p.login("alice")).await, format!("source {alice}"));
+    // alice becomes an admin in the file; SIGHUP, and her next request sees everything
+    // (her remembered login is forgotten, so the new role applies at once).
+    let toml = std::fs::read_to_string(&p.config_path).unwrap();
+    let was = format!("[users.\"{alice}\"]\nrole = \"source\"");
+    assert!(toml.contains(&was));
+    let now = format!("[users.\"{alice}\"]\nrole = \"admin\"");
+    std::fs::write(&p.config_path, toml.replace(&was, &now)).unwrap();
+    serve.signal("HUP");
+    serve
+        .wait_stderr("SIGHUP: thresholds and roles read again", T)
+        .await;
+    assert_eq!(view(p.login("alice")).await, "admin");
     p.stop().await;
 }
 
