@@ -467,6 +467,24 @@ impl http_body::Body for Guarded {
     }
 }
 
+/// `/healthz` whose answer says more than up or down: `Ok(text)` is 200 with `text`
+/// (e.g. `ok standby`), `Err(why)` 503 with `why`.
+pub fn healthz_with<F, S>(state: F) -> axum::routing::MethodRouter<S>
+where
+    F: Fn() -> Result<&'static str, &'static str> + Clone + Send + Sync + 'static,
+    S: Clone + Send + Sync + 'static,
+{
+    axum::routing::get(move || {
+        let r = state();
+        async move {
+            match r {
+                Ok(text) => (StatusCode::OK, format!("{text}\n")).into_response(),
+                Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response(),
+            }
+        }
+    })
+}
+
 /// `/healthz`: 200 `ok` while `up()` says so, else 503 with `why_not`.
 pub fn healthz<F, S>(up: F, why_not: &'static str) -> axum::routing::MethodRouter<S>
 where

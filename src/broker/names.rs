@@ -75,7 +75,13 @@ pub fn feeder(config: &Config, broker_user: &str) -> String {
 pub enum Arg {
     Int(i64),
     Str(String),
+    Bool(bool),
 }
+
+/// The queue argument that makes a queue deliver to one consumer at a time (RabbitMQ's
+/// single active consumer): the others wait as hot standbys, and the broker hands the
+/// queue, unacked messages included, to one of them when the active one goes.
+pub const SINGLE_ACTIVE_CONSUMER: &str = "x-single-active-consumer";
 
 /// A durable queue and what it is bound to.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,6 +97,15 @@ fn base_args(qt: QueueType) -> Vec<(String, Arg)> {
         QueueType::Classic => vec![],
         QueueType::Quorum => vec![("x-queue-type".into(), Arg::Str("quorum".into()))],
     }
+}
+
+/// A queue read by one daemon instance at a time, the others standing by (speedo,
+/// watchdog, archive: each keeps state of its own, so two reading at once would split
+/// it).
+fn single_active(qt: QueueType) -> Vec<(String, Arg)> {
+    let mut a = base_args(qt);
+    a.push((SINGLE_ACTIVE_CONSUMER.into(), Arg::Bool(true)));
+    a
 }
 
 /// Bounded: the oldest messages are dropped first once `max` are queued.
@@ -207,32 +222,36 @@ pub fn retained_queue(config: &Config, source: &str, retain: u32) -> QueueShape 
 }
 
 /// `speedo`'s queue: everything in `xreport` (its own speedos are recognised and skipped).
+/// Single active consumer: a second `speedo` is a standby. Declared by the daemon only
+/// (`setup` checks it when it exists), since a speedo queue nobody reads would grow.
 pub fn speedo_queue(config: &Config, feeder: &str) -> QueueShape {
     QueueShape {
         name: format!("q_{feeder}.speedo"),
-        arguments: base_args(config.route.queue_type),
+        arguments: single_active(config.route.queue_type),
         bindings: vec![(config.exchanges.report.clone(), "#".into())],
     }
 }
 
 /// `archive`'s queue: everything in `xreport`, durable, so reports wait here while the
 /// archive is down (SPEC §4.10). Declared by `setup` when the configuration has an
-/// `[archive]` table, and by the daemon itself.
+/// `[archive]` table, and by the daemon itself. Single active consumer: a second
+/// `archive` is a standby.
 pub fn archive_queue(config: &Config, feeder: &str) -> QueueShape {
     QueueShape {
         name: format!("q_{feeder}.archive"),
-        arguments: base_args(config.route.queue_type),
+        arguments: single_active(config.route.queue_type),
         bindings: vec![(config.exchanges.report.clone(), "#".into())],
     }
 }
 
 /// `watchdog`'s queue: everything in `xreport`, durable, so the reports that arrive while
 /// it restarts are read when it is back (its own notices are recognised and skipped).
-/// `setup` declares it when the configuration has a `[watchdog]` table.
+/// `setup` declares it when the configuration has a `[watchdog]` table. Single active
+/// consumer: a second `watchdog` is a standby.
 pub fn watchdog_queue(config: &Config, feeder: &str) -> QueueShape {
     QueueShape {
         name: format!("q_{feeder}.watchdog"),
-        arguments: base_args(config.route.queue_type),
+        arguments: single_active(config.route.queue_type),
         bindings: vec![(config.exchanges.report.clone(), "#".into())],
     }
 }
@@ -301,6 +320,7 @@ impl QueueShape {
             let v = match v {
                 Arg::Int(i) => HeaderValue::Int(*i),
                 Arg::Str(s) => HeaderValue::Str(s.clone()),
+                Arg::Bool(b) => HeaderValue::Bool(*b),
             };
             arguments.set(k, v);
         }

@@ -11,6 +11,12 @@
 //! Defaults (RabbitMQ's URI spec): no user at all means `guest`/`guest`; a user without a
 //! password means an empty password; no path or an empty one means the vhost `/`; the
 //! vhost is percent-decoded (`%2f` is `/`).
+//!
+//! **Several hosts** (the nodes of a RabbitMQ cluster): `amqp://u:p@h1:5672,h2:5673/vhost`,
+//! the hosts separated by commas, each with its own port or the scheme's default. The
+//! account, vhost and options are the same for all. Connections try the hosts in turn,
+//! first to last on start and from the host after the lost one on reconnect
+//! ([`BrokerUrl::hosts`], [`BrokerUrl::at`]).
 
 use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
@@ -38,20 +44,65 @@ const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-/// A parsed `amqp[s]://user:password@host[:port][/vhost][?heartbeat=N&...]`.
+/// A parsed `amqp[s]://user:password@host[:port][,host[:port]...][/vhost][?heartbeat=N&...]`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
     tls: bool,
     user: String,
     password: String,
-    host: String,
-    port: u16,
+    /// At least one; the first is where connections start.
+    hosts: Vec<Host>,
     vhost: String,
     heartbeat: u16,
     frame_max: Option<u32>,
     channel_max: Option<u16>,
     connection_timeout: Option<u64>,
     auth_mechanism: Option<String>,
+}
+
+/// One node of the broker: a host name or address (IPv6 without brackets) and a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    pub name: String,
+    pub port: u16,
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.name.contains(':') {
+            write!(f, "[{}]:{}", self.name, self.port)
+        } else {
+            write!(f, "{}:{}", self.name, self.port)
+        }
+    }
+}
+
+/// Splits a comma-separated host list out of `text`: the URL with only its first host,
+/// and the others as written (`host[:port]`). Works on the raw text since the URL parser
+/// would take `5672,h2:5673` for a bad port. The authority ends at the first `/`, `?` or
+/// `#` (as for the URL parser) and its hosts start after its last `@`.
+fn split_hosts(text: &str) -> (String, Vec<&str>) {
+    let Some(i) = text.find("://") else {
+        return (text.to_owned(), vec![]);
+    };
+    let start = i + 3;
+    let rest = &text[start..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    let hosts_at = authority.rfind('@').map_or(0, |a| a + 1);
+    let list = &authority[hosts_at..];
+    if !list.contains(',') {
+        return (text.to_owned(), vec![]);
+    }
+    let mut entries = list.split(',');
+    let first = entries.next().unwrap_or("");
+    let one = format!(
+        "{}{}{first}{}",
+        &text[..start],
+        &authority[..hosts_at],
+        &rest[end..]
+    );
+    (one, entries.collect())
 }
 
 impl Default for BrokerUrl {
@@ -76,19 +127,45 @@ impl BrokerUrl {
             shown: shown.clone(),
             reason,
         };
-        let parsed = url::Url::parse(text).map_err(|e| bad(e.to_string()))?;
+        let (first, more) = split_hosts(text);
+        let parsed = url::Url::parse(&first).map_err(|e| bad(e.to_string()))?;
         let tls = match parsed.scheme() {
             "amqp" => false,
             "amqps" => true,
             other => return Err(bad(format!("scheme must be amqp or amqps, not '{other}'"))),
         };
-        let host = parsed
-            .host_str()
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| bad("no host".into()))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
+        let default_port = if tls { 5671 } else { 5672 };
+        let host = |u: &url::Url| -> Result<Host, UrlError> {
+            let name = u
+                .host_str()
+                .filter(|h| !h.is_empty())
+                .ok_or_else(|| bad("no host".into()))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            Ok(Host {
+                name,
+                port: u.port().unwrap_or(default_port),
+            })
+        };
+        let mut hosts = vec![host(&parsed)?];
+        for entry in more {
+            let entry = entry.trim();
+            // Only `host[:port]`: a user, path or query here would be another URL's.
+            if entry.is_empty() || entry.contains(['@', '/', '?', '#']) {
+                return Err(bad(format!(
+                    "hosts are separated by commas, each host[:port] ({:?} is not one)",
+                    redact(entry)
+                )));
+            }
+            let u = url::Url::parse(&format!("{}://{entry}", parsed.scheme()))
+                .map_err(|e| bad(format!("host {entry:?}: {e}")))?;
+            let h = host(&u)?;
+            if hosts.contains(&h) {
+                return Err(bad(format!("host {h} is listed twice")));
+            }
+            hosts.push(h);
+        }
         let decode = |part: &str, what: &str| -> Result<String, UrlError> {
             percent_decode_str(part)
                 .decode_utf8()
@@ -110,8 +187,7 @@ impl BrokerUrl {
             tls,
             user,
             password,
-            port: parsed.port().unwrap_or(if tls { 5671 } else { 5672 }),
-            host,
+            hosts,
             vhost,
             heartbeat: DEFAULT_HEARTBEAT_SECS,
             frame_max: None,
@@ -159,12 +235,28 @@ impl BrokerUrl {
         &self.vhost
     }
 
+    /// The first host (where connections start).
     pub fn host(&self) -> &str {
-        &self.host
+        &self.hosts[0].name
     }
 
+    /// The first host's port.
     pub fn port(&self) -> u16 {
-        self.port
+        self.hosts[0].port
+    }
+
+    /// Every host, in the order connections try them (at least one).
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    /// The same URL with only host `i` (modulo the number of hosts): one connection
+    /// attempt's target.
+    pub fn at(&self, i: usize) -> BrokerUrl {
+        BrokerUrl {
+            hosts: vec![self.hosts[i % self.hosts.len()].clone()],
+            ..self.clone()
+        }
     }
 
     pub fn is_tls(&self) -> bool {
@@ -202,20 +294,16 @@ impl BrokerUrl {
     /// `scheme://user:<password or ****>@host:port/vhost[?options]`, every part encoded.
     fn render(&self, password: Option<&str>) -> String {
         let enc = |s: &str| utf8_percent_encode(s, COMPONENT).to_string();
-        let host = if self.host.contains(':') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
-        };
+        let hosts: Vec<String> = self.hosts.iter().map(Host::to_string).collect();
         let secret = match password {
             Some(p) => enc(p),
             None => "****".to_owned(),
         };
         let mut s = format!(
-            "{}://{}:{secret}@{host}:{}/{}",
+            "{}://{}:{secret}@{}/{}",
             if self.tls { "amqps" } else { "amqp" },
             enc(&self.user),
-            self.port,
+            hosts.join(","),
             enc(&self.vhost)
         );
         let mut query = Vec::new();
@@ -241,7 +329,7 @@ impl BrokerUrl {
         s
     }
 
-    /// What lapin connects with.
+    /// What lapin connects with: the first host (see [`at`](Self::at) for the others).
     pub(crate) fn amqp_uri(&self) -> AMQPUri {
         AMQPUri {
             scheme: if self.tls {
@@ -254,8 +342,8 @@ impl BrokerUrl {
                     username: self.user.clone(),
                     password: self.password.clone(),
                 },
-                host: self.host.clone(),
-                port: self.port,
+                host: self.hosts[0].name.clone(),
+                port: self.hosts[0].port,
             },
             vhost: self.vhost.clone(),
             query: AMQPQueryString {
@@ -367,6 +455,76 @@ mod tests {
             "::1"
         );
         assert_eq!(BrokerUrl::default().vhost(), "/");
+    }
+
+    #[test]
+    fn several_hosts_table() {
+        let h = |name: &str, port: u16| Host {
+            name: name.into(),
+            port,
+        };
+        let ok: &[(&str, &[Host], &str, &str)] = &[
+            (
+                "amqp://u:p@h1:5672,h2:5673/v",
+                &[h("h1", 5672), h("h2", 5673)],
+                "v",
+                "amqp://u:****@h1:5672,h2:5673/v",
+            ),
+            (
+                "amqp://u:p@h1,h2,h3",
+                &[h("h1", 5672), h("h2", 5672), h("h3", 5672)],
+                "/",
+                "amqp://u:****@h1:5672,h2:5672,h3:5672/%2F",
+            ),
+            (
+                "amqps://u:p%2C@a:5671,b:6671/%2f?heartbeat=5",
+                &[h("a", 5671), h("b", 6671)],
+                "/",
+                "amqps://u:****@a:5671,b:6671/%2F?heartbeat=5",
+            ),
+            (
+                "amqp://[::1]:5672,127.0.0.1:5673/v",
+                &[h("::1", 5672), h("127.0.0.1", 5673)],
+                "v",
+                "amqp://guest:****@[::1]:5672,127.0.0.1:5673/v",
+            ),
+            (
+                "amqp://u:p@h1:5672, h2:5673/v",
+                &[h("h1", 5672), h("h2", 5673)],
+                "v",
+                "amqp://u:****@h1:5672,h2:5673/v",
+            ),
+            ("amqp://h/v", &[h("h", 5672)], "v", "amqp://guest:****@h:5672/v"),
+        ];
+        for (text, hosts, vhost, shown) in ok {
+            let u = BrokerUrl::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(u.hosts(), *hosts, "{text}");
+            assert_eq!(u.vhost(), *vhost, "{text}");
+            assert_eq!(u.to_string(), *shown, "{text}");
+            assert_eq!((u.host(), u.port()), (hosts[0].name.as_str(), hosts[0].port));
+            // Round trip, and each host alone keeps everything else.
+            assert_eq!(&BrokerUrl::parse(&u.expose_password()).unwrap(), &u);
+            for (i, want) in hosts.iter().enumerate() {
+                let one = u.at(i);
+                assert_eq!(one.hosts(), std::slice::from_ref(want));
+                assert_eq!((one.user(), one.password(), one.vhost()), (u.user(), u.password(), u.vhost()));
+                assert_eq!(one.amqp_uri().authority.host, want.name);
+            }
+            assert_eq!(u.at(hosts.len()), u.at(0));
+        }
+        let u = BrokerUrl::parse("amqp://u:p%2C@a:5671,b:6671/v").unwrap();
+        assert_eq!(u.password(), "p,");
+        for bad in [
+            "amqp://u:s3cret@h1,,h2/v",
+            "amqp://u:s3cret@h1,/v",
+            "amqp://u:s3cret@h1,h2:x/v",
+            "amqp://u:s3cret@h1,h1/v",
+            "amqp://u:s3cret@h1:5672,h1/v",
+            "amqp://u:s3cret@,h2/v",
+        ] {
+            let e = BrokerUrl::parse(bad).expect_err(bad).to_string();
+            assert!(!e.contains("s3cret"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@
 
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -169,6 +169,10 @@ pub(crate) struct Shared {
     /// Serialises reopening the publish channel.
     publisher_lock: tokio::sync::Mutex<()>,
     pub(crate) closed: AtomicBool,
+    /// The host (index in the URL) of the current or last connection.
+    host: AtomicUsize,
+    /// The host the next connection attempt starts with.
+    next_host: AtomicUsize,
 }
 
 /// A handle on the broker connection; cheap to clone, all clones share the connection.
@@ -216,6 +220,8 @@ impl Client {
             wake: Notify::new(),
             publisher_lock: tokio::sync::Mutex::new(()),
             closed: AtomicBool::new(false),
+            host: AtomicUsize::new(0),
+            next_host: AtomicUsize::new(0),
         });
         let session = establish(&shared, 1).await?;
         let live = session.live.clone();
@@ -498,6 +504,23 @@ impl Client {
         Consumer::start(self.clone(), queue, prefetch).await
     }
 
+    /// [`consume`](Self::consume) from a queue declared with `x-single-active-consumer`:
+    /// the consumer also finds out whether it is the active one or a standby
+    /// ([`Consumer::role`]; see the consumer module's notes on probes).
+    pub async fn consume_single_active(
+        &self,
+        queue: &str,
+        prefetch: u16,
+    ) -> Result<Consumer, AmqpError> {
+        Consumer::start_single_active(self.clone(), queue, prefetch).await
+    }
+
+    /// The host (of the URL's list) the current or last connection is on.
+    pub fn connected_host(&self) -> &crate::broker::url::Host {
+        let hosts = self.shared.url.hosts();
+        &hosts[self.shared.host.load(Ordering::Relaxed) % hosts.len()]
+    }
+
     /// Closes the connection for good. Consumers then end (`next` gives `None`); pending
     /// confirms not yet received fail with `Closed`. Await confirms before closing.
     pub async fn close(&self) {
@@ -649,14 +672,61 @@ async fn open_publisher(conn: &Connection) -> Result<Channel, AmqpError> {
     Ok(ch)
 }
 
-/// Connects, opens the publish channel and declares the remembered topology.
+/// Connects to the first host that answers, from [`Shared::next_host`] on in the URL's
+/// order, opens the publish channel and declares the remembered topology. With several
+/// hosts, the error names each host's failure.
 async fn establish(shared: &Shared, generation: u64) -> Result<Arc<Session>, AmqpError> {
-    let redacted = &shared.url.to_string();
+    let n = shared.url.hosts().len();
+    let start = shared.next_host.load(Ordering::Relaxed);
+    let mut failures = Vec::new();
+    let mut last = None;
+    for k in 0..n {
+        let i = (start + k) % n;
+        match establish_at(shared, &shared.url.at(i), generation).await {
+            Ok(session) => {
+                shared.host.store(i, Ordering::Relaxed);
+                shared.next_host.store(i, Ordering::Relaxed);
+                if k > 0 || n > 1 {
+                    debug!(broker = %shared.url, host = %shared.url.hosts()[i], "connected to host");
+                }
+                return Ok(session);
+            }
+            Err(e) => {
+                if n > 1 {
+                    debug!(host = %shared.url.hosts()[i], error = %e, "host failed; trying the next");
+                }
+                failures.push(match &e {
+                    AmqpError::Connect { reason, .. } => {
+                        format!("{}: {reason}", shared.url.hosts()[i])
+                    }
+                    other => format!("{}: {other}", shared.url.hosts()[i]),
+                });
+                last = Some(e);
+            }
+        }
+    }
+    match last {
+        Some(AmqpError::Connect { .. }) if n > 1 => Err(AmqpError::Connect {
+            url_redacted: shared.url.to_string(),
+            reason: format!("no host answered ({})", failures.join("; ")),
+        }),
+        Some(e) => Err(e),
+        None => Err(AmqpError::Invalid("a broker URL without hosts".into())),
+    }
+}
+
+/// [`establish`] on one host (`url` holds only it).
+async fn establish_at(
+    shared: &Shared,
+    url: &BrokerUrl,
+    generation: u64,
+) -> Result<Arc<Session>, AmqpError> {
+    let redacted = &url.to_string();
     let props = ConnectionProperties::default()
         .with_connection_name(shared.name.as_str().into())
         .with_client_property("product".into(), "pumpwatch".into())
         .with_client_property("version".into(), env!("CARGO_PKG_VERSION").into());
-    let connecting = Connection::connect_uri(shared.url.amqp_uri(), props);
+    let connecting = Connection::connect_uri(url.amqp_uri(), props);
     let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
         Err(_) => {
             return Err(AmqpError::Connect {
@@ -780,7 +850,12 @@ async fn supervise(weak: Weak<Shared>, mut live: Arc<Live>) {
             }
             _ => false,
         });
-        warn!(broker = %shared.url, name = %shared.name, %reason, "broker connection lost; reconnecting");
+        // The node may be gone: a cluster's next host is the better first try.
+        let lost_host = shared.host.load(Ordering::Relaxed);
+        shared
+            .next_host
+            .store((lost_host + 1) % shared.url.hosts().len(), Ordering::Relaxed);
+        warn!(broker = %shared.url, host = %shared.url.hosts()[lost_host % shared.url.hosts().len()], name = %shared.name, %reason, "broker connection lost; reconnecting");
         let started = Instant::now();
         let (min, max) = (shared.min_backoff, shared.max_backoff);
         drop(shared);
@@ -808,6 +883,7 @@ async fn supervise(weak: Weak<Shared>, mut live: Arc<Live>) {
                     }
                     info!(
                         broker = %shared.url,
+                        host = %shared.url.hosts()[shared.host.load(Ordering::Relaxed)],
                         attempts = attempt,
                         down_ms = started.elapsed().as_millis() as u64,
                         "broker connection restored"

@@ -7,8 +7,18 @@
 //! supervisor's next connection and subscribes again with the same prefetch. Deliveries
 //! that were in flight are requeued by the broker (their channel is gone), so acking
 //! them is a harmless no-op and they come back with `redelivered` set.
+//!
+//! **Single active consumer.** On a queue declared with `x-single-active-consumer`, the
+//! broker delivers to one consumer at a time and tells nobody which: AMQP 0-9-1 has no
+//! such notice. A consumer started with [`Client::consume_single_active`] finds out by
+//! itself: any delivery means it is the active one; while it has had none, it publishes a
+//! small *probe* into its own queue (through the default exchange) every
+//! [`PROBE_EVERY`], which whoever is active receives, so a consumer that received none of
+//! its probes within that time is a standby ([`Activity`]). Probes are acked here and never
+//! yielded. A standby learns it took over within a probe period even on an idle queue.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{
@@ -16,12 +26,60 @@ use lapin::options::{
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
-use tracing::debug;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info};
 
 use super::client::{Client, Live, backoff};
 use super::convert::{MessageProps, short_name};
 use super::error::{AmqpError, from_lapin};
+use crate::core::emit::Outgoing;
 use crate::core::report::Incoming;
+use crate::core::{HeaderValue, Headers};
+
+/// How often a consumer that has had no delivery yet probes its queue, and how long it
+/// waits for a probe before it calls itself a standby.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// The header a standby probe carries (its value: the consumer's instance id).
+pub const PROBE_HEADER: &str = "pumpwatch_probe";
+
+/// Where a consumer of a single-active-consumer queue stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    /// Not known yet (just subscribed, no delivery and no probe answered yet), or a
+    /// consumer of an ordinary queue.
+    Unknown,
+    /// The broker delivers to this consumer.
+    Active,
+    /// Another consumer is active; this one takes over when it goes.
+    Standby,
+}
+
+impl Activity {
+    pub fn name(self) -> &'static str {
+        match self {
+            Activity::Unknown => "unknown",
+            Activity::Active => "active",
+            Activity::Standby => "standby",
+        }
+    }
+}
+
+/// The probing of a single-active-consumer subscription.
+struct Probe {
+    role: watch::Sender<Activity>,
+    /// This process's consumer, in the probes it sends (for the logs of the active one).
+    id: String,
+    /// When the next probe goes (only while not active).
+    next: Instant,
+    /// Whether a probe went on the current subscription (so silence means standby).
+    sent: bool,
+    /// Set when a standby became active; taken by [`Consumer::took_over`].
+    took_over: bool,
+    /// Set by a probe the broker refused (no write permission on the default exchange).
+    refused: Arc<std::sync::atomic::AtomicBool>,
+}
 
 /// The channel one subscription lives on. Deliveries keep it open, so a delivery can
 /// still be acked after its consumer was cancelled or dropped.
@@ -48,6 +106,8 @@ pub struct Consumer {
     failures: u32,
     cancelled: bool,
     finished: bool,
+    /// Only for [`Client::consume_single_active`].
+    probe: Option<Probe>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -75,9 +135,132 @@ impl Consumer {
             failures: 0,
             cancelled: false,
             finished: false,
+            probe: None,
         };
         consumer.sub = Some(consumer.subscribe().await?);
         Ok(consumer)
+    }
+
+    /// [`start`](Self::start) on a single-active-consumer queue: tracks its [`Activity`].
+    pub(crate) async fn start_single_active(
+        client: Client,
+        queue: &str,
+        prefetch: u16,
+    ) -> Result<Self, AmqpError> {
+        let mut c = Self::start(client, queue, prefetch).await?;
+        let (role, _) = watch::channel(Activity::Unknown);
+        c.probe = Some(Probe {
+            role,
+            id: format!("{}.{:08x}", std::process::id(), rand::random::<u32>()),
+            next: Instant::now(),
+            sent: false,
+            took_over: false,
+            refused: Default::default(),
+        });
+        Ok(c)
+    }
+
+    /// Where this consumer stands now ([`Activity::Unknown`] for an ordinary queue).
+    pub fn activity(&self) -> Activity {
+        self.probe
+            .as_ref()
+            .map_or(Activity::Unknown, |p| *p.role.borrow())
+    }
+
+    /// A receiver of the role's changes (for `/healthz`, `/metrics`, waiting to be active).
+    pub fn activity_changes(&self) -> watch::Receiver<Activity> {
+        match &self.probe {
+            Some(p) => p.role.subscribe(),
+            None => watch::channel(Activity::Unknown).1,
+        }
+    }
+
+    /// True once after this consumer went from standby to active: another instance read
+    /// the queue meanwhile, so what this one kept from before is stale.
+    pub fn took_over(&mut self) -> bool {
+        self.probe
+            .as_mut()
+            .is_some_and(|p| std::mem::take(&mut p.took_over))
+    }
+
+    fn set_role(&mut self, new: Activity) {
+        let Some(p) = self.probe.as_mut() else { return };
+        let old = *p.role.borrow();
+        if old == new {
+            return;
+        }
+        p.role.send_replace(new);
+        match (old, new) {
+            (Activity::Standby, Activity::Active) => {
+                p.took_over = true;
+                info!(queue = %self.queue, "active: took over the queue from the consumer that was active");
+            }
+            (_, Activity::Active) => info!(queue = %self.queue, "active: the broker delivers this queue to this consumer"),
+            (_, Activity::Standby) => info!(
+                queue = %self.queue,
+                "standby: another consumer is active on this queue (single active consumer); taking over when it goes"
+            ),
+            (_, Activity::Unknown) => debug!(queue = %self.queue, "subscribed again: role unknown until a delivery or probe"),
+        }
+    }
+
+    /// Sends a probe into the queue through the default exchange, in a task of its own (a
+    /// `next` dropped by a `select!` must not cut a publish in half).
+    fn send_probe(&mut self) {
+        let Some(p) = self.probe.as_mut() else { return };
+        let mut headers = Headers::new();
+        headers.set(PROBE_HEADER, HeaderValue::Str(p.id.clone()));
+        let msg = Outgoing {
+            routing_key: self.queue.clone(),
+            body: b"pumpwatch standby probe".to_vec(),
+            content_type: "text/plain",
+            headers,
+        };
+        let client = self.client.clone();
+        let refused = p.refused.clone();
+        tokio::spawn(async move {
+            let r = match client.publish("", &msg).await {
+                Ok(confirm) => confirm.wait().await,
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(()) => {}
+                Err(AmqpError::AccessRefused(e)) => {
+                    refused.store(true, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(
+                        "cannot probe queue (no write permission on the default exchange: {e}); \
+                         taking this consumer for the active one"
+                    );
+                }
+                Err(e) => debug!("standby probe not sent or not confirmed: {e}"),
+            }
+        });
+        p.sent = true;
+        p.next = Instant::now() + PROBE_EVERY;
+    }
+
+    /// What the probing wants next while not active: the time of the next probe.
+    fn probe_due(&self) -> Option<Instant> {
+        let p = self.probe.as_ref()?;
+        (*p.role.borrow() != Activity::Active).then_some(p.next)
+    }
+
+    fn on_probe_due(&mut self) {
+        if self
+            .probe
+            .as_ref()
+            .is_some_and(|p| p.refused.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            // Cannot tell: behave as before single active consumer (active).
+            self.set_role(Activity::Active);
+            return;
+        }
+        if self.probe.as_ref().is_some_and(|p| p.sent) {
+            // A whole period without any delivery, our probe included: someone else has
+            // the queue.
+            self.set_role(Activity::Standby);
+        }
+        self.send_probe();
     }
 
     pub fn queue(&self) -> &str {
@@ -94,7 +277,7 @@ impl Consumer {
             if self.finished {
                 return None;
             }
-            let Some(sub) = self.sub.as_mut() else {
+            if self.sub.is_none() {
                 if self.cancelled
                     || self
                         .client
@@ -117,6 +300,15 @@ impl Consumer {
                         debug!(queue = %self.queue, "re-subscribed");
                         self.failures = 0;
                         self.sub = Some(sub);
+                        // A new subscription is last in the broker's line: find out again.
+                        if let Some(p) = self.probe.as_mut() {
+                            p.sent = false;
+                            p.next = Instant::now();
+                        }
+                        let standby = self.activity() == Activity::Standby;
+                        if !standby {
+                            self.set_role(Activity::Unknown);
+                        }
                     }
                     Err(e) => {
                         if self
@@ -137,9 +329,38 @@ impl Consumer {
                     }
                 }
                 continue;
+            }
+            let due = self.probe_due();
+            let Some(sub) = self.sub.as_mut() else {
+                continue;
             };
-            match sub.stream.next().await {
-                Some(Ok(d)) => return Some(Ok(Delivery::new(d, &sub.chan))),
+            let next = match due {
+                None => sub.stream.next().await,
+                Some(at) => tokio::select! {
+                    d = sub.stream.next() => d,
+                    _ = tokio::time::sleep_until(at) => {
+                        self.on_probe_due();
+                        continue;
+                    }
+                },
+            };
+            let Some(sub) = self.sub.as_mut() else {
+                continue;
+            };
+            match next {
+                Some(Ok(d)) => {
+                    let d = Delivery::new(d, &sub.chan);
+                    if self.probe.is_some() {
+                        self.set_role(Activity::Active);
+                        if d.is_probe() {
+                            if let Err(e) = d.ack().await {
+                                debug!("ack of a probe failed: {e}");
+                            }
+                            continue;
+                        }
+                    }
+                    return Some(Ok(d));
+                }
                 Some(Err(e)) => {
                     if !sub.chan.live.is_up() {
                         self.dead = self.client.report_dead(&sub.chan.live, &e);
@@ -291,6 +512,12 @@ impl Delivery {
             acker: d.acker,
             chan: chan.clone(),
         }
+    }
+
+    /// A standby probe (see the module's notes): through the default exchange, with the
+    /// probe header. Reports reach the queues through `xreport`, never so.
+    fn is_probe(&self) -> bool {
+        self.exchange.is_empty() && self.props.headers.get(PROBE_HEADER).is_some()
     }
 
     /// The message as the core parses it (borrowed, no copies).

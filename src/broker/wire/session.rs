@@ -173,14 +173,56 @@ pub struct Session {
 impl Session {
     /// Connects, logs in, opens a consuming and a confirmed publishing channel. Bodies of
     /// delivered messages are kept up to `max_keep` bytes (the rest is read and dropped).
+    /// With several hosts in `url`, tries them in turn from the first.
     pub async fn open(url: &BrokerUrl, name: &str, max_keep: usize) -> Result<Session, WireError> {
+        Self::open_from(url, 0, name, max_keep).await.map(|(s, _)| s)
+    }
+
+    /// [`open`](Self::open) trying the hosts of `url` in turn from host `start` (modulo
+    /// their number); returns the session and the index of the host it is on. A refused
+    /// login is not tried elsewhere (every node has the same accounts).
+    pub async fn open_from(
+        url: &BrokerUrl,
+        start: usize,
+        name: &str,
+        max_keep: usize,
+    ) -> Result<(Session, usize), WireError> {
+        let n = url.hosts().len();
+        let mut failures = Vec::new();
+        let mut last = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            match Self::open_one(&url.at(i), name, max_keep).await {
+                Ok(s) => return Ok((s, i)),
+                Err(e) if e.is_refused() => return Err(e),
+                Err(e) => {
+                    let why = match &e {
+                        WireError::Connect { reason, .. } => reason.clone(),
+                        other => other.to_string(),
+                    };
+                    failures.push(format!("{}: {why}", url.hosts()[i]));
+                    last = Some(e);
+                }
+            }
+        }
+        match last {
+            Some(_) if n > 1 => Err(WireError::Connect {
+                url: url.to_string(),
+                reason: format!("no host answered ({})", failures.join("; ")),
+            }),
+            Some(e) => Err(e),
+            None => Err(WireError::Io("a broker URL without hosts".into())),
+        }
+    }
+
+    async fn open_one(url: &BrokerUrl, name: &str, max_keep: usize) -> Result<Session, WireError> {
         let shown = url.to_string();
         let connect_err = |reason: String| WireError::Connect {
             url: shown.clone(),
             reason,
         };
-        let addr = format!("{}:{}", url.host(), url.port());
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr))
+        let addr = (url.host(), url.port());
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
             .await
             .map_err(|_| connect_err("no answer".into()))?
             .map_err(|e| connect_err(e.to_string()))?;

@@ -21,11 +21,17 @@
 //! `pumpwatch_archive_blocked` is 1; the broker holds everything else. A crash between the
 //! write and the ack archives the batch twice (the broker redelivers it); `trace` shows
 //! identical lines once.
+//!
+//! **Standby.** Its queue has a single active consumer: a second archive (with its own
+//! `--dir`) stands by, writing nothing, and takes over when the active one goes; the
+//! reports it was handed unacked are archived again (at least once). Each directory then
+//! holds the hours its archive was active; `trace --dir A --dir B` reads both. Two
+//! archives on one directory are refused: `<dir>/<cluster>/archive.lock` is held.
 
 pub mod store;
 
 use super::{Common, Error, FilterArgs, UsageError, parse_duration, parse_listen};
-use crate::broker::amqp::{Client, ConnectOptions, Delivery, ExchangeDecl, Topology};
+use crate::broker::amqp::{Client, ConnectOptions, Delivery, ExchangeDecl, Activity, Topology};
 use crate::broker::names;
 use crate::broker::url::BrokerUrl;
 use crate::config::{ARCHIVE_BATCH_MAX, ArchiveSettings, Fsync};
@@ -204,6 +210,8 @@ pub struct Stats {
     pub lag_ms: AtomicU64,
     /// Why the last write failed (for the log, tests and the operator).
     pub last_error: Mutex<Option<String>>,
+    /// 1 while this archive stands by (another one reads the queue).
+    pub standby: AtomicU64,
 }
 
 impl Stats {
@@ -217,6 +225,10 @@ impl Stats {
 
     pub fn is_blocked(&self) -> bool {
         Self::get(&self.blocked) == 1
+    }
+
+    pub fn is_standby(&self) -> bool {
+        Self::get(&self.standby) == 1
     }
 
     pub fn last_error(&self) -> Option<String> {
@@ -315,6 +327,13 @@ impl prometheus_client::collector::Collector for StatsCollector {
             ConstCounter::new(v).encode(m.encode_family(&[("reason", reason)])?)?;
         }
         let m = enc.encode_descriptor(
+            "archive_standby",
+            "1 while this archive stands by (another archive reads the queue).",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(g(&s.standby) as i64).encode(m)?;
+        let m = enc.encode_descriptor(
             "archive_blocked",
             "1 while a batch cannot be written and nothing is acked.",
             None,
@@ -355,6 +374,9 @@ fn now() -> Stamp {
 /// `pumpwatch archive`: runs until `shutdown`.
 pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), Error> {
     let stats = cfg.stats.clone();
+    // Before connecting: a second archive on this directory must not even stand by
+    // (the two would write the same hours when one takes over).
+    let _lock = lock(&cfg.cluster_dir)?;
     let opts = ConnectOptions {
         name: format!("pumpwatch archive ({})", cfg.feeder),
         topology: topology(&cfg),
@@ -363,7 +385,7 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), Error> {
     let client = Client::connect(&cfg.broker, opts).await?;
     let queue = names::archive_queue(&cfg.pump, &cfg.feeder).name;
     let prefetch = u16::try_from(cfg.batch * 2).unwrap_or(u16::MAX);
-    let consumer = client.consume(&queue, prefetch).await?;
+    let consumer = client.consume_single_active(&queue, prefetch).await?;
     tracing::info!(
         broker = %cfg.broker,
         queue = %queue,
@@ -384,10 +406,15 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), Error> {
             .route("/metrics", crate::http::metrics(Arc::new(registry)))
             .route(
                 "/healthz",
-                crate::http::healthz(
-                    move || c.is_connected() && !s.is_blocked(),
-                    "not archiving: the archive directory cannot be written (see the log) or the broker is away",
-                ),
+                crate::http::healthz_with(move || {
+                    if !c.is_connected() || s.is_blocked() {
+                        Err("not archiving: the archive directory cannot be written (see the log) or the broker is away")
+                    } else if s.is_standby() {
+                        Ok("ok standby")
+                    } else {
+                        Ok("ok")
+                    }
+                }),
             );
         let stop = shutdown.clone();
         tasks.spawn(async move {
@@ -414,6 +441,20 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), Error> {
             Ok(())
         });
     }
+    {
+        // The consumer's role, for `/healthz` and `/metrics`.
+        let (mut roles, s, stats) = (consumer.activity_changes(), shutdown.clone(), stats.clone());
+        tasks.spawn(async move {
+            loop {
+                let standby = *roles.borrow_and_update() == Activity::Standby;
+                stats.standby.store(u64::from(standby), Ordering::Relaxed);
+                tokio::select! {
+                    _ = s.cancelled() => return Ok(()),
+                    changed = roles.changed() => if changed.is_err() { return Ok(()) },
+                }
+            }
+        });
+    }
     let consume = Consume {
         writer: Some(Writer::new(&cfg.cluster_dir)),
         cfg,
@@ -426,6 +467,29 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), Error> {
     tracing::info!("archive stopped: {}", stats.summary());
     let _ = tokio::time::timeout(Duration::from_millis(1500), client.close()).await;
     result
+}
+
+/// The lock file a running archive holds in its directory.
+pub const LOCK_FILE: &str = "archive.lock";
+
+/// Takes `dir/archive.lock` (an OS lock, released when the process ends, a crash too).
+fn lock(dir: &std::path::Path) -> Result<std::fs::File, Error> {
+    let fail = |reason: String| Error::Failed(format!("archive directory {}: {reason}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create it: {e}")))?;
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK_FILE))
+        .map_err(|e| fail(format!("cannot open {LOCK_FILE}: {e}")))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(fail(format!(
+            "used by another pumpwatch archive (it holds {LOCK_FILE}); \
+             a standby archive needs a --dir of its own"
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(fail(format!("cannot lock {LOCK_FILE}: {e}"))),
+    }
 }
 
 /// Backoff of a blocked writer.

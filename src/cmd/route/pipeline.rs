@@ -138,13 +138,20 @@ impl Pipeline {
         let keep = self.max_body.max(REJECT_KEEP) + 1;
         let mut attempt = 0u32;
         let mut first = true;
+        // With several hosts (a cluster's nodes): where the next connection starts.
+        let mut host = 0usize;
         loop {
             if self.shutdown.is_cancelled() {
                 return Ok(());
             }
             let opened = async {
-                let mut s = Session::open(&self.broker, &self.name, keep).await?;
-                s.consume(&self.queue, self.prefetch).await?;
+                let (mut s, at) = Session::open_from(&self.broker, host, &self.name, keep).await?;
+                host = at;
+                if let Err(e) = s.consume(&self.queue, self.prefetch).await {
+                    // E.g. a classic queue whose node is down: another node may serve it.
+                    host = at + 1;
+                    return Err(e);
+                }
                 Ok::<_, WireError>(s)
             };
             let mut session = match opened.await {
@@ -165,7 +172,11 @@ impl Pipeline {
                 }
             };
             if !first {
-                tracing::info!("route: reconnected to {}", self.broker);
+                tracing::info!(
+                    "route: reconnected to {} (host {})",
+                    self.broker,
+                    self.broker.hosts()[host % self.broker.hosts().len()]
+                );
             }
             first = false;
             attempt = 0;
@@ -178,6 +189,8 @@ impl Pipeline {
                     return Ok(());
                 }
                 End::Lost(e) => {
+                    // That node may be gone: start with the next one.
+                    host += 1;
                     tracing::warn!(
                         "route: connection to {} lost ({e}); reconnecting, unsettled inputs come back",
                         self.broker

@@ -192,6 +192,9 @@ pub struct Desired {
     pub forward_queue_prefix: String,
     /// Queues of earlier versions, removed once they are empty (never with messages).
     pub legacy_queues: Vec<String>,
+    /// Queues a daemon declares itself (not `setup`: nobody may read them), whose
+    /// arguments are checked when they exist: `speedo`'s.
+    pub checked_queues: BTreeMap<String, DesiredQueue>,
     /// Never deleted by `--prune`: `guest`, the user running setup, the broker URL's user.
     pub protected_users: BTreeSet<String>,
     pub prune: bool,
@@ -319,6 +322,16 @@ impl Desired {
             shovels,
             forward_queue_prefix: names::forward_queue_prefix(&feeder),
             legacy_queues: vec![names::legacy_dispatch_queue(&feeder)],
+            checked_queues: [names::speedo_queue(&config, &feeder)]
+                .into_iter()
+                .map(|q| {
+                    let d = DesiredQueue {
+                        name: q.name,
+                        arguments: q.arguments,
+                    };
+                    (d.name.clone(), d)
+                })
+                .collect(),
             protected_users,
             prune: inputs.prune,
         }

@@ -13,9 +13,11 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
-use super::desired::{Binding, Desired, DesiredShovel, ExchangeBinding, Perms, Secret};
+use super::desired::{
+    Binding, Desired, DesiredQueue, DesiredShovel, ExchangeBinding, Perms, Secret,
+};
 use crate::broker::mgmt::{BindingInfo, ShovelDefinition, ShovelSpec};
-use crate::broker::names::Arg;
+use crate::broker::names::{self, Arg};
 use crate::config::Role;
 
 /// A user as the broker knows it.
@@ -215,6 +217,9 @@ fn arguments_text(arguments: &[(String, Arg)]) -> String {
             ("x-max-length", Arg::Int(n)) => parts.push(format!("max {n}")),
             ("x-overflow", Arg::Str(s)) if s == "drop-head" => {}
             ("x-queue-type", Arg::Str(s)) => parts.push(s.clone()),
+            (names::SINGLE_ACTIVE_CONSUMER, Arg::Bool(true)) => {
+                parts.push("single active consumer".into())
+            }
             (key, value) => parts.push(format!("{key}={}", arg_text(value))),
         }
     }
@@ -225,6 +230,7 @@ fn arg_text(arg: &Arg) -> String {
     match arg {
         Arg::Int(n) => n.to_string(),
         Arg::Str(s) => s.clone(),
+        Arg::Bool(b) => b.to_string(),
     }
 }
 
@@ -233,6 +239,7 @@ pub fn arg_json(arg: &Arg) -> Value {
     match arg {
         Arg::Int(n) => Value::from(*n),
         Arg::Str(s) => Value::from(s.as_str()),
+        Arg::Bool(b) => Value::from(*b),
     }
 }
 
@@ -273,6 +280,41 @@ fn queue_mismatch(want: &[(String, Arg)], have: &ActualQueue) -> Option<String> 
         }
     }
     (!diffs.is_empty()).then(|| diffs.join("; "))
+}
+
+/// A queue that cannot be redeclared as wanted. One that lacks single-active-consumer was
+/// declared by an earlier pumpwatch: the way to change it is spelled out, since the
+/// daemons of this version refuse to start on it (the broker refuses their declaration).
+fn queue_problem(vhost: &str, q: &DesiredQueue, have: &ActualQueue, why: &str) -> Change {
+    let wants_sac = q
+        .arguments
+        .iter()
+        .any(|(k, v)| k == names::SINGLE_ACTIVE_CONSUMER && *v == Arg::Bool(true));
+    if wants_sac && !have.arguments.contains_key(names::SINGLE_ACTIVE_CONSUMER) {
+        return Change::Problem(format!(
+            "queue {} {why}: an earlier pumpwatch declared it; a standby instance needs \
+             single active consumer, and this version's daemon will not start on it. \
+             Stop the daemons reading it, delete it (rabbitmqctl delete_queue -p {} {}; \
+             what waits in it is lost), then start them again: they declare it anew",
+            q.name,
+            shell_word(vhost),
+            shell_word(&q.name)
+        ));
+    }
+    Change::Problem(format!("queue {} {why}: delete it to change", q.name))
+}
+
+/// `s` quoted for a shell when it needs to be.
+fn shell_word(s: &str) -> String {
+    if !s.is_empty()
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./%:@".contains(&b))
+    {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
 }
 
 /// Numbers compare by value (`1000` and `1000.0` are the same length limit).
@@ -402,12 +444,16 @@ pub fn plan(desired: &Desired, actual: &Actual) -> Vec<Change> {
             }),
             Some(have) => {
                 if let Some(why) = queue_mismatch(&q.arguments, have) {
-                    out.push(Change::Problem(format!(
-                        "queue {} {why}: delete it to change",
-                        q.name
-                    )));
+                    out.push(queue_problem(&desired.vhost, q, have, &why));
                 }
             }
+        }
+    }
+    for q in desired.checked_queues.values() {
+        if let Some(have) = actual.queues.get(&q.name)
+            && let Some(why) = queue_mismatch(&q.arguments, have)
+        {
+            out.push(queue_problem(&desired.vhost, q, have, &why));
         }
     }
 
@@ -861,6 +907,59 @@ mod tests {
             tweak(&mut a);
             assert_eq!(lines(&plan(&d, &a)), *want);
         }
+    }
+
+    #[test]
+    fn standby_queues_of_an_earlier_version_say_how_to_change_them() {
+        let config = Config::parse(
+            &format!("{CONFIG}\n[archive]\ndir = \"/a\"\n[watchdog]\nstate_dir = \"/w\"\n"),
+            "t.toml",
+        )
+        .unwrap();
+        let env = |_: &str| Some("pw".to_owned());
+        let d = Desired::build(&Inputs {
+            config: &config,
+            import: None,
+            env: &env,
+            vhost: "pump a".into(),
+            broker_user: "feed".into(),
+            broker_host: None,
+            running_user: "root".into(),
+            prune: false,
+        });
+        let sac = |a: &Actual, q: &str| a.queues[q].arguments.get("x-single-active-consumer").cloned();
+        let mut a = matching(&d);
+        assert_eq!(sac(&a, "q_feed.archive"), Some(json!(true)));
+        assert_eq!(sac(&a, "q_feed.watchdog"), Some(json!(true)));
+        assert!(plan(&d, &a).is_empty(), "{:?}", lines(&plan(&d, &a)));
+        // speedo's queue is only checked: absent, nothing; present and right, nothing.
+        a.queues.insert(
+            "q_feed.speedo".into(),
+            ActualQueue {
+                durable: true,
+                arguments: args(&[("x-single-active-consumer", json!(true))]),
+            },
+        );
+        assert!(plan(&d, &a).is_empty());
+        for q in ["q_feed.archive", "q_feed.speedo"] {
+            a.queues.get_mut(q).unwrap().arguments.clear();
+        }
+        assert_eq!(
+            lines(&plan(&d, &a)),
+            [
+                "! queue q_feed.archive has no x-single-active-consumer, wanted true: an earlier \
+                 pumpwatch declared it; a standby instance needs single active consumer, and \
+                 this version's daemon will not start on it. Stop the daemons reading it, \
+                 delete it (rabbitmqctl delete_queue -p 'pump a' q_feed.archive; what waits in \
+                 it is lost), then start them again: they declare it anew",
+                "! queue q_feed.speedo has no x-single-active-consumer, wanted true: an earlier \
+                 pumpwatch declared it; a standby instance needs single active consumer, and \
+                 this version's daemon will not start on it. Stop the daemons reading it, \
+                 delete it (rabbitmqctl delete_queue -p 'pump a' q_feed.speedo; what waits in \
+                 it is lost), then start them again: they declare it anew",
+            ]
+        );
+        assert_eq!(shell_word("it's"), r"'it'\''s'");
     }
 
     #[test]

@@ -14,6 +14,11 @@
 //! last speedo, and a clean stop (SIGTERM) loses nothing, since it publishes a last speedo
 //! for every meter (with the partial interval) before exiting. A report redelivered after
 //! a lost connection is counted again (at least once).
+//!
+//! **Standby.** Its queue has a single active consumer: a second `speedo` on the same pump
+//! stands by, publishing nothing, and takes over when the active one goes (the broker
+//! hands it the queue, unacked reports included). It then counts from zero: the counts
+//! are per run, so readers see a decrease, as after a restart (SPEC §4.5).
 
 pub mod body;
 pub mod meter;
@@ -23,7 +28,7 @@ pub use meter::{Counts, Sample, Settings, Speedo, Speedometers, Target, UNKNOWN}
 
 use super::{Common, Error, UsageError, parse_duration};
 use crate::broker::amqp::{
-    AmqpError, Client, ConnectOptions, ExchangeDecl, PendingConfirm, Topology,
+    AmqpError, Client, ConnectOptions, ExchangeDecl, PendingConfirm, Activity, Topology,
 };
 use crate::broker::names;
 use crate::broker::url::BrokerUrl;
@@ -140,6 +145,8 @@ pub struct Summary {
     pub resent: u64,
     /// Good deliveries whose lag was not counted (no `pubTime`, or an absurd one).
     pub lag_ignored: u64,
+    /// Times this instance went from standby to active.
+    pub takeovers: u64,
 }
 
 impl fmt::Display for Summary {
@@ -147,7 +154,8 @@ impl fmt::Display for Summary {
         write!(
             f,
             "recorded {}, not counted {}, announcements {}, speedo/watchdog {}, malformed {}; \
-             speedos published {}, unheard {}, failed {} (resent {}); lag ignored {}",
+             speedos published {}, unheard {}, failed {} (resent {}); lag ignored {}; \
+             took over {} times",
             self.recorded,
             self.not_counted,
             self.announcements,
@@ -157,7 +165,8 @@ impl fmt::Display for Summary {
             self.unheard,
             self.failed,
             self.resent,
-            self.lag_ignored
+            self.lag_ignored,
+            self.takeovers
         )
     }
 }
@@ -424,7 +433,7 @@ pub async fn run_counting(cfg: Config, shutdown: Shutdown) -> Result<Summary, Er
     };
     let client = Client::connect(&cfg.broker, opts).await?;
     let queue = names::speedo_queue(&cfg.pump, &cfg.feeder).name;
-    let mut consumer = client.consume(&queue, cfg.prefetch).await?;
+    let mut consumer = client.consume_single_active(&queue, cfg.prefetch).await?;
     tracing::info!(
         broker = %cfg.broker,
         queue = %queue,
@@ -456,12 +465,20 @@ pub async fn run_counting(cfg: Config, shutdown: Shutdown) -> Result<Summary, Er
     // spinning.
     let mut hold = clock.mono;
     let result = loop {
+        if consumer.took_over() {
+            // What this instance counted before it stood by belongs to another run: count
+            // again from zero (a decrease, as after a restart).
+            meters = Speedometers::new(cfg.settings.clone(), clock.now());
+            summary.takeovers += 1;
+            tracing::info!(queue = %queue, "speedo took over: counting from zero");
+        }
         let due = clock.instant_of(meters.next_due()).max(hold);
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Ok(()),
             _ = tokio::time::sleep_until(due) => {
-                if client.is_connected() {
+                // A standby publishes nothing: the active speedo does.
+                if client.is_connected() && consumer.activity() == Activity::Active {
                     let speedos = meters.tick(clock.now());
                     publisher.publish(speedos).await;
                 } else {
@@ -474,6 +491,7 @@ pub async fn run_counting(cfg: Config, shutdown: Shutdown) -> Result<Summary, Er
                     Some(Err(e)) => break Err(Error::from(e)),
                     None => break Ok(()),
                 };
+
                 let inc = delivery.incoming();
                 match report::parse_limited(&inc, cfg.pump.route.max_body) {
                     Ok(Message::Report(r)) => {
@@ -506,7 +524,7 @@ pub async fn run_counting(cfg: Config, shutdown: Shutdown) -> Result<Summary, Er
         tracing::info!("lag of {n} deliveries not counted: {why}");
     }
     let deadline = Instant::now() + cfg.drain;
-    if client.is_connected() {
+    if client.is_connected() && consumer.activity() == Activity::Active {
         let last = meters.flush(clock.now());
         if tokio::time::timeout_at(deadline, publisher.publish(last))
             .await

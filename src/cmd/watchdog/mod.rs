@@ -14,6 +14,13 @@
 //! again (duplicates and finals without a start are harmless), and a failure whose notice
 //! was not confirmed is found again after the restart.
 //!
+//! **Standby.** Its queue has a single active consumer: a second watchdog (with its own
+//! `--state-dir` and `--listen`) stands by, ticking and publishing nothing, and takes over
+//! when the active one goes. It then forgets what its state file held: the active one read
+//! the reports that ended those transfers, so they would be announced as lost for
+//! nothing. Transfers started before the takeover are not watched (the reports of the
+//! downtime are: they waited in the queue).
+//!
 //! The state file is [`state`]; `/api/inflight`, `/metrics` and `/healthz` are [`routes`].
 
 pub mod routes;
@@ -21,7 +28,8 @@ pub mod state;
 
 use super::{Common, Error, Tasks, UsageError, parse_listen};
 use crate::broker::amqp::{
-    AmqpError, Client, ConnectOptions, Consumer, Delivery, ExchangeDecl, PendingConfirm, Topology,
+    AmqpError, Client, ConnectOptions, Consumer, Delivery, ExchangeDecl, PendingConfirm, Activity,
+    Topology,
 };
 use crate::broker::names;
 use crate::broker::url::BrokerUrl;
@@ -138,6 +146,8 @@ pub struct Stats {
     /// Messages given up on after the broker refused them for good.
     pub publish_failed: AtomicU64,
     pub flushes: AtomicU64,
+    /// Times this instance went from standby to active.
+    pub takeovers: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -201,6 +211,8 @@ pub struct Shared {
     /// False once the state file could not be written (the daemon is stopping).
     pub store_ok: AtomicBool,
     client: Client,
+    /// Active or standby (its queue has a single active consumer).
+    pub role: tokio::sync::watch::Receiver<Activity>,
 }
 
 impl Shared {
@@ -212,6 +224,11 @@ impl Shared {
 
     pub fn is_healthy(&self) -> bool {
         self.client.is_connected() && self.store_ok.load(Ordering::Relaxed)
+    }
+
+    /// Whether another watchdog is the active one and this one stands by.
+    pub fn is_standby(&self) -> bool {
+        *self.role.borrow() == Activity::Standby
     }
 }
 
@@ -275,7 +292,7 @@ impl Daemon {
         };
         let client = Client::connect(&cfg.broker, opts).await?;
         let queue = names::watchdog_queue(&cfg.pump, &cfg.feeder).name;
-        let consumer = client.consume(&queue, cfg.prefetch).await?;
+        let consumer = client.consume_single_active(&queue, cfg.prefetch).await?;
         let listener = Listener::bind(cfg.listen, cfg.limits).await?;
         let addr = listener.local_addr();
         let shared = Arc::new(Shared {
@@ -283,6 +300,7 @@ impl Daemon {
             stats: Stats::default(),
             store_ok: AtomicBool::new(true),
             client: client.clone(),
+            role: consumer.activity_changes(),
         });
         tracing::info!(
             broker = %cfg.broker,
@@ -424,6 +442,10 @@ impl Engine {
     async fn run(mut self, mut consumer: Consumer, shutdown: Shutdown) -> Result<(), Error> {
         let mut next_tick = Instant::now() + self.cfg.tick;
         let result = loop {
+            // Before anything is ticked or recorded as the active one.
+            if consumer.took_over() && let Err(e) = self.forget().await {
+                break Err(e);
+            }
             let due = match self.first_held {
                 Some(t) => (t + self.cfg.flush_after).min(next_tick),
                 None => next_tick,
@@ -432,7 +454,8 @@ impl Engine {
                 biased;
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = tokio::time::sleep_until(due) => {
-                    if let Err(e) = self.flush(&shutdown).await {
+                    // A standby neither ticks nor publishes: the active watchdog does.
+                    if consumer.activity() == Activity::Active && let Err(e) = self.flush(&shutdown).await {
                         break Err(e);
                     }
                     next_tick = Instant::now() + self.cfg.tick;
@@ -450,7 +473,7 @@ impl Engine {
             }
         };
         let _ = consumer.cancel().await;
-        if result.is_ok() && self.client.is_connected() {
+        if result.is_ok() && self.client.is_connected() && consumer.activity() == Activity::Active {
             // A last flush, so what was read is stored and acked (bounded: past the
             // deadline the broker simply delivers the held reports again).
             let last = Shutdown::new();
@@ -462,6 +485,35 @@ impl Engine {
         }
         let _ = tokio::time::timeout(Duration::from_millis(1500), self.client.close()).await;
         result
+    }
+
+    /// A standby took over: what it kept from before is stale (the active watchdog read
+    /// the reports since), so it starts from an empty state, in memory and on disk.
+    async fn forget(&mut self) -> Result<(), Error> {
+        let stale = {
+            let mut w = self.shared.lock();
+            let n = w.len();
+            *w = Watchdog::new(self.cfg.settings.rules.clone());
+            n
+        };
+        self.shared.stats.takeovers.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            "watchdog took over; forgetting the {stale} transfers in flight kept from before it stood by"
+        );
+        let Some(mut store) = self.store.take() else {
+            return Err(Error::Failed("watchdog state is not open".into()));
+        };
+        let (store, cleared) = tokio::task::spawn_blocking(move || {
+            let r = store.clear();
+            (store, r)
+        })
+        .await
+        .map_err(|e| Error::from_join("watchdog's state writer", e))?;
+        self.store = Some(store);
+        cleared.map_err(|e| {
+            self.shared.store_ok.store(false, Ordering::Relaxed);
+            Error::Failed(e.to_string())
+        })
     }
 
     /// Records one delivery in memory and holds it until the next flush.

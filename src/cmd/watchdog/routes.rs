@@ -6,7 +6,8 @@
 //!   `older_than` old) oldest first with their age, at most `limit` (default 1000, at most
 //!   100 000; `matched` and `truncated` say how many there were);
 //! - `/metrics`: totals and sizes, and per node its transfers in flight and its state;
-//! - `/healthz`: 200 while the broker connection is up and the state file writable.
+//! - `/healthz`: 200 while the broker connection is up and the state file writable
+//!   (`ok standby` while another watchdog is the active one).
 
 use super::{Shared, get};
 use crate::core::watchdog::{NodeState, Query};
@@ -36,10 +37,15 @@ pub fn router(shared: Arc<Shared>) -> axum::Router {
         .route("/metrics", crate::http::metrics(Arc::new(registry)))
         .route(
             "/healthz",
-            crate::http::healthz(
-                move || health.is_healthy(),
-                "reconnecting to the broker, or the state file cannot be written",
-            ),
+            crate::http::healthz_with(move || {
+                if !health.is_healthy() {
+                    Err("reconnecting to the broker, or the state file cannot be written")
+                } else if health.is_standby() {
+                    Ok("ok standby")
+                } else {
+                    Ok("ok")
+                }
+            }),
         )
         .with_state(shared)
 }
@@ -214,6 +220,20 @@ impl Collector for WatchdogCollector {
             let m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(v).encode(m)?;
         }
+        let m = enc.encode_descriptor(
+            "watchdog_takeovers",
+            "Times this instance went from standby to active (this run).",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(get(&st.takeovers)).encode(m)?;
+        let m = enc.encode_descriptor(
+            "watchdog_standby",
+            "1 while this instance stands by (another watchdog reads the queue).",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(self.0.is_standby())).encode(m)?;
         let g = snap.gauges;
         let gauges: [(&str, &str, u64); 6] = [
             ("watchdog_in_flight", "Open transfers.", g.in_flight),

@@ -315,6 +315,16 @@ impl Store {
         tx.commit().map_err(err)
     }
 
+    /// Forgets every node and transfer (a standby taking over: see the daemon's notes).
+    pub fn clear(&mut self) -> Result<(), StoreError> {
+        self.conn
+            .execute_batch(
+                "BEGIN IMMEDIATE; DELETE FROM transfers; DELETE FROM nodes; \
+                 DELETE FROM meta WHERE key = 'totals'; COMMIT;",
+            )
+            .map_err(|e| self.error(&e))
+    }
+
     /// Rows stored (for tests and the start-up log).
     pub fn counts(&self) -> Result<(u64, u64), StoreError> {
         let n = |sql: &str| {
