@@ -182,6 +182,9 @@ pub struct QueueInfo {
     pub messages: u64,
     #[serde(default)]
     pub consumers: u64,
+    /// `classic`, `quorum` or `stream`, as the broker runs it.
+    #[serde(default, rename = "type")]
+    pub kind: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
