@@ -68,11 +68,7 @@ async fn served_at(p: &Proc, marker: &str) -> String {
     let err = p.stderr_text();
     let line = err.lines().find(|l| l.contains(marker)).unwrap();
     let at = line.find("http://").unwrap() + "http://".len();
-    line[at..]
-        .split(['/', ' ', '"'])
-        .next()
-        .unwrap()
-        .to_owned()
+    line[at..].split(['/', ' ', '"']).next().unwrap().to_owned()
 }
 
 async fn get(url: &str) -> (u16, String) {
@@ -146,7 +142,13 @@ async fn archive_standby_takes_over_when_the_active_is_killed_and_nothing_is_los
     assert!(metrics.contains("pumpwatch_archive_standby 1"), "{metrics}");
     // A third on the active one's directory is refused before it connects.
     let (code, _, err) = common::proc::run(
-        &["--broker", &url, "archive", "--dir", da.path().to_str().unwrap()],
+        &[
+            "--broker",
+            &url,
+            "archive",
+            "--dir",
+            da.path().to_str().unwrap(),
+        ],
         T,
     )
     .await;
@@ -352,7 +354,10 @@ async fn watchdog_standby_is_healthy_and_takes_over_and_one_state_dir_has_one_wa
     .await;
     // The same state directory: refused at once.
     let same = watchdog::Daemon::start(watchdog_config(&url, da.path()), Shutdown::new()).await;
-    let err = same.err().expect("a second watchdog on one state dir").to_string();
+    let err = same
+        .err()
+        .expect("a second watchdog on one state dir")
+        .to_string();
     assert!(err.contains("another watchdog"), "{err}");
 
     let stop_b = Shutdown::new();
@@ -371,7 +376,10 @@ async fn watchdog_standby_is_healthy_and_takes_over_and_one_state_dir_has_one_wa
         (200, "ok standby\n".into())
     );
     let (_, metrics) = get(&format!("http://{addr}/metrics")).await;
-    assert!(metrics.contains("pumpwatch_watchdog_standby 1"), "{metrics}");
+    assert!(
+        metrics.contains("pumpwatch_watchdog_standby 1"),
+        "{metrics}"
+    );
     // The active one goes (here cleanly; the archive and speedo tests SIGKILL): the
     // standby is active within a probe period or two, on an idle queue too.
     stop_a.cancel();
@@ -481,7 +489,11 @@ async fn two_routes_share_the_queue_and_lose_nothing_when_one_is_killed() {
     let routed = |text: &str| -> Option<u64> {
         let summary = text.lines().rev().find(|l| l.contains("route stopped"))?;
         let at = summary.find("routed ")? + "routed ".len();
-        summary[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+        summary[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
     };
     if let Some(n) = routed(&err) {
         assert!(n < want as u64, "the survivor routed {n} of {want}");
@@ -511,8 +523,8 @@ async fn quorum_queues_for_every_durable_queue_declared_by_setup_and_the_daemons
         dir = tmp.path().display()
     );
     let config = Config::parse(&toml, "quorum.toml").unwrap();
-    let common = pumpwatch::cmd::Common::new(config.clone(), Some(&url), Some(&vh.admin_url))
-        .unwrap();
+    let common =
+        pumpwatch::cmd::Common::new(config.clone(), Some(&url), Some(&vh.admin_url)).unwrap();
     let cfg = setup::Config::with_env(
         setup::Args::default(),
         &common,

@@ -494,20 +494,31 @@ mod tests {
                 "v",
                 "amqp://u:****@h1:5672,h2:5673/v",
             ),
-            ("amqp://h/v", &[h("h", 5672)], "v", "amqp://guest:****@h:5672/v"),
+            (
+                "amqp://h/v",
+                &[h("h", 5672)],
+                "v",
+                "amqp://guest:****@h:5672/v",
+            ),
         ];
         for (text, hosts, vhost, shown) in ok {
             let u = BrokerUrl::parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
             assert_eq!(u.hosts(), *hosts, "{text}");
             assert_eq!(u.vhost(), *vhost, "{text}");
             assert_eq!(u.to_string(), *shown, "{text}");
-            assert_eq!((u.host(), u.port()), (hosts[0].name.as_str(), hosts[0].port));
+            assert_eq!(
+                (u.host(), u.port()),
+                (hosts[0].name.as_str(), hosts[0].port)
+            );
             // Round trip, and each host alone keeps everything else.
             assert_eq!(&BrokerUrl::parse(&u.expose_password()).unwrap(), &u);
             for (i, want) in hosts.iter().enumerate() {
                 let one = u.at(i);
                 assert_eq!(one.hosts(), std::slice::from_ref(want));
-                assert_eq!((one.user(), one.password(), one.vhost()), (u.user(), u.password(), u.vhost()));
+                assert_eq!(
+                    (one.user(), one.password(), one.vhost()),
+                    (u.user(), u.password(), u.vhost())
+                );
                 assert_eq!(one.amqp_uri().authority.host, want.name);
             }
             assert_eq!(u.at(hosts.len()), u.at(0));

@@ -852,9 +852,10 @@ async fn supervise(weak: Weak<Shared>, mut live: Arc<Live>) {
         });
         // The node may be gone: a cluster's next host is the better first try.
         let lost_host = shared.host.load(Ordering::Relaxed);
-        shared
-            .next_host
-            .store((lost_host + 1) % shared.url.hosts().len(), Ordering::Relaxed);
+        shared.next_host.store(
+            (lost_host + 1) % shared.url.hosts().len(),
+            Ordering::Relaxed,
+        );
         warn!(broker = %shared.url, host = %shared.url.hosts()[lost_host % shared.url.hosts().len()], name = %shared.name, %reason, "broker connection lost; reconnecting");
         let started = Instant::now();
         let (min, max) = (shared.min_backoff, shared.max_backoff);

@@ -195,12 +195,16 @@ impl Consumer {
                 p.took_over = true;
                 info!(queue = %self.queue, "active: took over the queue from the consumer that was active");
             }
-            (_, Activity::Active) => info!(queue = %self.queue, "active: the broker delivers this queue to this consumer"),
+            (_, Activity::Active) => {
+                info!(queue = %self.queue, "active: the broker delivers this queue to this consumer")
+            }
             (_, Activity::Standby) => info!(
                 queue = %self.queue,
                 "standby: another consumer is active on this queue (single active consumer); taking over when it goes"
             ),
-            (_, Activity::Unknown) => debug!(queue = %self.queue, "subscribed again: role unknown until a delivery or probe"),
+            (_, Activity::Unknown) => {
+                debug!(queue = %self.queue, "subscribed again: role unknown until a delivery or probe")
+            }
         }
     }
 

@@ -33,7 +33,7 @@ pub use crate::broker::url::BrokerUrl;
 
 pub(crate) use client::backoff;
 pub use client::{CONNECT_TIMEOUT, Client, ConnectOptions, PendingConfirm, RECONNECT_WAIT};
-pub use consumer::{Consumer, Delivery, PROBE_EVERY, PROBE_HEADER, Activity};
+pub use consumer::{Activity, Consumer, Delivery, PROBE_EVERY, PROBE_HEADER};
 pub use convert::{MAX_SHORT, MessageProps, truncate_short};
 pub use error::AmqpError;
 pub use topology::{

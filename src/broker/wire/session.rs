@@ -175,7 +175,9 @@ impl Session {
     /// delivered messages are kept up to `max_keep` bytes (the rest is read and dropped).
     /// With several hosts in `url`, tries them in turn from the first.
     pub async fn open(url: &BrokerUrl, name: &str, max_keep: usize) -> Result<Session, WireError> {
-        Self::open_from(url, 0, name, max_keep).await.map(|(s, _)| s)
+        Self::open_from(url, 0, name, max_keep)
+            .await
+            .map(|(s, _)| s)
     }
 
     /// [`open`](Self::open) trying the hosts of `url` in turn from host `start` (modulo

@@ -31,7 +31,7 @@
 pub mod store;
 
 use super::{Common, Error, FilterArgs, UsageError, parse_duration, parse_listen};
-use crate::broker::amqp::{Client, ConnectOptions, Delivery, ExchangeDecl, Activity, Topology};
+use crate::broker::amqp::{Activity, Client, ConnectOptions, Delivery, ExchangeDecl, Topology};
 use crate::broker::names;
 use crate::broker::url::BrokerUrl;
 use crate::config::{ARCHIVE_BATCH_MAX, ArchiveSettings, Fsync};
@@ -376,7 +376,14 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), Error> {
     let stats = cfg.stats.clone();
     // Before connecting: a second archive on this directory must not even stand by
     // (the two would write the same hours when one takes over).
-    let _lock = lock(&cfg.cluster_dir)?;
+    let lock = match try_lock(&cfg.cluster_dir) {
+        Lock::Held(f) => Some(f),
+        Lock::Busy => return Err(Error::Failed(busy(&cfg.cluster_dir))),
+        Lock::Failed(e) => {
+            tracing::debug!("archive: cannot take {LOCK_FILE} yet: {e}");
+            None
+        }
+    };
     let opts = ConnectOptions {
         name: format!("pumpwatch archive ({})", cfg.feeder),
         topology: topology(&cfg),
@@ -461,6 +468,7 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), Error> {
         to_compress,
         shutdown: shutdown.clone(),
         unsynced: false,
+        lock,
     };
     tasks.spawn(consume.run(consumer));
     let result = tasks.join().await;
@@ -472,24 +480,43 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> Result<(), Error> {
 /// The lock file a running archive holds in its directory.
 pub const LOCK_FILE: &str = "archive.lock";
 
-/// Takes `dir/archive.lock` (an OS lock, released when the process ends, a crash too).
-fn lock(dir: &std::path::Path) -> Result<std::fs::File, Error> {
-    let fail = |reason: String| Error::Failed(format!("archive directory {}: {reason}", dir.display()));
-    std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create it: {e}")))?;
-    let file = std::fs::File::options()
+/// What taking `dir/archive.lock` gave.
+enum Lock {
+    /// Held until the file is dropped (an OS lock: a crash releases it too).
+    Held(std::fs::File),
+    /// Another archive holds it.
+    Busy,
+    /// The directory or the file cannot be made: the writes will fail the same way (the
+    /// archive is blocked, and takes the lock once it can write).
+    Failed(std::io::Error),
+}
+
+fn try_lock(dir: &std::path::Path) -> Lock {
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        return Lock::Failed(e);
+    }
+    let file = match std::fs::File::options()
         .create(true)
         .truncate(false)
         .write(true)
         .open(dir.join(LOCK_FILE))
-        .map_err(|e| fail(format!("cannot open {LOCK_FILE}: {e}")))?;
+    {
+        Ok(f) => f,
+        Err(e) => return Lock::Failed(e),
+    };
     match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(fail(format!(
-            "used by another pumpwatch archive (it holds {LOCK_FILE}); \
-             a standby archive needs a --dir of its own"
-        ))),
-        Err(std::fs::TryLockError::Error(e)) => Err(fail(format!("cannot lock {LOCK_FILE}: {e}"))),
+        Ok(()) => Lock::Held(file),
+        Err(std::fs::TryLockError::WouldBlock) => Lock::Busy,
+        Err(std::fs::TryLockError::Error(e)) => Lock::Failed(e),
     }
+}
+
+fn busy(dir: &std::path::Path) -> String {
+    format!(
+        "archive directory {} is used by another pumpwatch archive (it holds {LOCK_FILE}); \
+         a standby archive needs a --dir of its own",
+        dir.display()
+    )
 }
 
 /// Backoff of a blocked writer.
@@ -506,6 +533,8 @@ struct Consume {
     shutdown: Shutdown,
     /// Written since the last fsync (interval policy).
     unsynced: bool,
+    /// `archive.lock`, once it could be taken.
+    lock: Option<std::fs::File>,
 }
 
 impl Consume {
@@ -654,6 +683,7 @@ impl Consume {
     /// Writes the lines of `held` (as archived now) and flushes them, `fsync`ing with the
     /// every-batch policy. Nothing is acked here.
     async fn write(&mut self, held: &[Held]) -> std::io::Result<()> {
+        self.lock_dir()?;
         let at = now();
         let mut buf = Vec::with_capacity(held.len() * 256);
         let mut lines = 0u64;
@@ -695,6 +725,7 @@ impl Consume {
 
     /// The start-up repair until it succeeded, then closing an hour the clock left.
     async fn housekeeping(&mut self) -> std::io::Result<()> {
+        self.lock_dir()?;
         let at = now();
         self.blocking(move |w| {
             if !w.is_prepared() {
@@ -706,6 +737,22 @@ impl Consume {
         .await?;
         self.hand_over();
         Ok(())
+    }
+
+    /// Takes the directory's lock if not yet held (it could not be made at start): until
+    /// then nothing is written, as when the directory cannot be written.
+    fn lock_dir(&mut self) -> std::io::Result<()> {
+        if self.lock.is_some() {
+            return Ok(());
+        }
+        match try_lock(&self.cfg.cluster_dir) {
+            Lock::Held(f) => {
+                self.lock = Some(f);
+                Ok(())
+            }
+            Lock::Busy => Err(std::io::Error::other(busy(&self.cfg.cluster_dir))),
+            Lock::Failed(e) => Err(e),
+        }
     }
 
     async fn sync(&mut self) {

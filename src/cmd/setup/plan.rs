@@ -307,8 +307,7 @@ fn queue_problem(vhost: &str, q: &DesiredQueue, have: &ActualQueue, why: &str) -
 /// `s` quoted for a shell when it needs to be.
 fn shell_word(s: &str) -> String {
     if !s.is_empty()
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_./%:@".contains(&b))
     {
         s.to_owned()
@@ -927,7 +926,12 @@ mod tests {
             running_user: "root".into(),
             prune: false,
         });
-        let sac = |a: &Actual, q: &str| a.queues[q].arguments.get("x-single-active-consumer").cloned();
+        let sac = |a: &Actual, q: &str| {
+            a.queues[q]
+                .arguments
+                .get("x-single-active-consumer")
+                .cloned()
+        };
         let mut a = matching(&d);
         assert_eq!(sac(&a, "q_feed.archive"), Some(json!(true)));
         assert_eq!(sac(&a, "q_feed.watchdog"), Some(json!(true)));

@@ -28,7 +28,7 @@ pub use meter::{Counts, Sample, Settings, Speedo, Speedometers, Target, UNKNOWN}
 
 use super::{Common, Error, UsageError, parse_duration};
 use crate::broker::amqp::{
-    AmqpError, Client, ConnectOptions, ExchangeDecl, PendingConfirm, Activity, Topology,
+    Activity, AmqpError, Client, ConnectOptions, ExchangeDecl, PendingConfirm, Topology,
 };
 use crate::broker::names;
 use crate::broker::url::BrokerUrl;

@@ -28,7 +28,7 @@ pub mod state;
 
 use super::{Common, Error, Tasks, UsageError, parse_listen};
 use crate::broker::amqp::{
-    AmqpError, Client, ConnectOptions, Consumer, Delivery, ExchangeDecl, PendingConfirm, Activity,
+    Activity, AmqpError, Client, ConnectOptions, Consumer, Delivery, ExchangeDecl, PendingConfirm,
     Topology,
 };
 use crate::broker::names;
@@ -443,7 +443,9 @@ impl Engine {
         let mut next_tick = Instant::now() + self.cfg.tick;
         let result = loop {
             // Before anything is ticked or recorded as the active one.
-            if consumer.took_over() && let Err(e) = self.forget().await {
+            if consumer.took_over()
+                && let Err(e) = self.forget().await
+            {
                 break Err(e);
             }
             let due = match self.first_held {
