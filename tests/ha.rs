@@ -621,3 +621,51 @@ async fn quorum_queues_for_every_durable_queue_declared_by_setup_and_the_daemons
     route_task.await.unwrap().unwrap();
     archive_task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_queue_declared_without_single_active_consumer_is_refused_with_a_way_out() {
+    let Some(vh) = common::vhost("ha-upgrade").await else {
+        return;
+    };
+    let url = vh.amqp_url.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let toml = format!("[archive]\ndir = \"{}\"\n", tmp.path().display());
+    let config = Config::parse(&toml, "t.toml").unwrap();
+    let common =
+        pumpwatch::cmd::Common::new(config.clone(), Some(&url), Some(&vh.admin_url)).unwrap();
+    // What an earlier pumpwatch declared: the same queue, without the argument.
+    let queue = names::archive_queue(&config, "guest").name;
+    let opts = ConnectOptions {
+        topology: Topology::bound_queue(QueueDecl::durable(&queue), "amq.topic", "#"),
+        ..ConnectOptions::new("ha earlier version")
+    };
+    Client::connect(&common::broker(&url), opts)
+        .await
+        .unwrap()
+        .close()
+        .await;
+    let cfg = archive::Config::from_args(archive::Args::default(), &common).unwrap();
+    let err = archive::run(cfg, Shutdown::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("inequivalent arg 'x-single-active-consumer'")
+            && err.contains("pumpwatch setup --dry-run"),
+        "{err}"
+    );
+    let args = setup::Args {
+        dry_run: true,
+        ..Default::default()
+    };
+    let cfg = setup::Config::with_env(args, &common, Arc::new(|_: &str| None::<String>)).unwrap();
+    let mut out = Vec::new();
+    let _ = setup::apply(&cfg, &mut out).await;
+    let out = String::from_utf8(out).unwrap();
+    assert!(
+        out.contains(&format!(
+            "! queue {queue} has no x-single-active-consumer, wanted true: an earlier pumpwatch"
+        )) && out.contains(&format!("rabbitmqctl delete_queue -p {} {queue}", vh.name)),
+        "{out}"
+    );
+}

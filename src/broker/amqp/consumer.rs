@@ -108,6 +108,19 @@ pub struct Consumer {
     finished: bool,
     /// Only for [`Client::consume_single_active`].
     probe: Option<Probe>,
+    /// A re-subscription under way, in a task of its own: `next` is raced against timers
+    /// in `select!`s and dropped, and a subscribe dropped halfway would leave a channel and
+    /// a consumer behind, or, when it always takes longer than the shortest timer, never
+    /// finish (the same for the backoff before it).
+    pending: Option<tokio::task::JoinHandle<Result<Subscription, AmqpError>>>,
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        if let Some(t) = self.pending.take() {
+            t.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for Consumer {
@@ -136,8 +149,10 @@ impl Consumer {
             cancelled: false,
             finished: false,
             probe: None,
+            pending: None,
         };
-        consumer.sub = Some(consumer.subscribe().await?);
+        let client = consumer.client.clone();
+        consumer.sub = Some(subscribe(client, consumer.queue.clone(), prefetch, None).await?);
         Ok(consumer)
     }
 
@@ -292,14 +307,32 @@ impl Consumer {
                     self.finished = true;
                     return None;
                 }
-                if self.failures > 0 {
-                    let (min, max) = (
-                        self.client.shared.min_backoff,
-                        self.client.shared.max_backoff,
-                    );
-                    tokio::time::sleep(backoff(min, max, self.failures - 1)).await;
+                if self.pending.is_none() {
+                    let delay = match self.failures {
+                        0 => Duration::ZERO,
+                        n => backoff(
+                            self.client.shared.min_backoff,
+                            self.client.shared.max_backoff,
+                            n - 1,
+                        ),
+                    };
+                    let (client, queue, prefetch) =
+                        (self.client.clone(), self.queue.clone(), self.prefetch);
+                    let avoid = self.dead.take();
+                    self.pending = Some(tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        subscribe(client, queue, prefetch, avoid).await
+                    }));
                 }
-                match self.subscribe().await {
+                let Some(task) = self.pending.as_mut() else {
+                    continue;
+                };
+                let done = task.await;
+                self.pending = None;
+                let done = done.unwrap_or_else(|e| {
+                    Err(AmqpError::Protocol(format!("subscribing failed: {e}")))
+                });
+                match done {
                     Ok(sub) => {
                         debug!(queue = %self.queue, "re-subscribed");
                         self.failures = 0;
@@ -357,9 +390,13 @@ impl Consumer {
                     if self.probe.is_some() {
                         self.set_role(Activity::Active);
                         if d.is_probe() {
-                            if let Err(e) = d.ack().await {
-                                debug!("ack of a probe failed: {e}");
-                            }
+                            // Not awaited here: a `next` dropped mid-ack would leave it
+                            // unacked, holding a prefetch slot.
+                            tokio::spawn(async move {
+                                if let Err(e) = d.ack().await {
+                                    debug!("ack of a probe failed: {e}");
+                                }
+                            });
                             continue;
                         }
                     }
@@ -410,15 +447,31 @@ impl Consumer {
     /// drain, finish, ack, exit).
     pub async fn cancel(&mut self) -> Result<(), AmqpError> {
         self.cancelled = true;
+        if let Some(t) = self.pending.take() {
+            t.abort();
+        }
         match &self.sub {
-            Some(sub) if sub.chan.live.is_up() && sub.chan.channel.status().connected() => sub
-                .chan
-                .channel
-                .basic_cancel(sub.stream.tag(), BasicCancelOptions::default())
-                .await
-                .map_err(|e| {
-                    from_lapin(&e, &format!("cancelling the consumer of '{}'", self.queue))
-                }),
+            Some(sub) if sub.chan.live.is_up() && sub.chan.channel.status().connected() => {
+                let cancelling = sub
+                    .chan
+                    .channel
+                    .basic_cancel(sub.stream.tag(), BasicCancelOptions::default());
+                match tokio::time::timeout(CANCEL_WAIT, cancelling).await {
+                    Ok(r) => r.map_err(|e| {
+                        from_lapin(&e, &format!("cancelling the consumer of '{}'", self.queue))
+                    }),
+                    // A stop must not hang on the broker: what was delivered can still be
+                    // acked, and the rest goes back when the connection closes.
+                    Err(_) => {
+                        self.sub = None;
+                        Err(AmqpError::Closed(format!(
+                            "no answer to cancelling the consumer of '{}' within {} s",
+                            self.queue,
+                            CANCEL_WAIT.as_secs()
+                        )))
+                    }
+                }
+            }
             Some(_) => {
                 self.sub = None;
                 Ok(())
@@ -426,19 +479,28 @@ impl Consumer {
             None => Ok(()),
         }
     }
+}
 
-    async fn subscribe(&mut self) -> Result<Subscription, AmqpError> {
-        let mut avoid = self.dead.take();
-        loop {
-            let session = self.client.session(avoid, None).await?;
-            let live = &session.live;
-            match open(live, &self.queue, self.prefetch).await {
-                Ok(sub) => return Ok(sub),
-                Err(e) if live.is_up() => return Err(e),
-                Err(_) => {
-                    self.client.shared.wake.notify_one();
-                    avoid = Some(live.generation);
-                }
+/// How long a stop waits for the broker to confirm a consumer's cancel.
+const CANCEL_WAIT: Duration = Duration::from_secs(3);
+
+/// Subscribes on the current connection (waiting for one newer than `avoid`, the one
+/// seen dead), again on the next if this one dies meanwhile.
+async fn subscribe(
+    client: Client,
+    queue: String,
+    prefetch: u16,
+    mut avoid: Option<u64>,
+) -> Result<Subscription, AmqpError> {
+    loop {
+        let session = client.session(avoid, None).await?;
+        let live = &session.live;
+        match open(live, &queue, prefetch).await {
+            Ok(sub) => return Ok(sub),
+            Err(e) if live.is_up() => return Err(e),
+            Err(_) => {
+                client.shared.wake.notify_one();
+                avoid = Some(live.generation);
             }
         }
     }

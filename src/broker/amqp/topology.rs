@@ -250,7 +250,7 @@ async fn declare_all(ch: &lapin::Channel, t: &Topology) -> Result<(), AmqpError>
             to_field_table(&q.arguments),
         )
         .await
-        .map_err(|e| from_lapin(&e, &format!("declaring queue '{}'", q.name)))?;
+        .map_err(|e| queue_error(from_lapin(&e, &format!("declaring queue '{}'", q.name))))?;
     }
     for b in &t.bindings {
         ch.queue_bind(
@@ -291,6 +291,21 @@ async fn declare_all(ch: &lapin::Channel, t: &Topology) -> Result<(), AmqpError>
         })?;
     }
     Ok(())
+}
+
+/// A queue that exists with other arguments (PRECONDITION_FAILED, "inequivalent arg")
+/// was declared by an earlier version or by hand: say where to look, since the broker's
+/// words alone do not tell an operator what to do.
+fn queue_error(e: AmqpError) -> AmqpError {
+    match e {
+        AmqpError::Protocol(text) if text.contains("inequivalent arg") => {
+            AmqpError::Protocol(format!(
+                "{text} (the queue exists with other arguments, e.g. declared by an earlier \
+                 pumpwatch: `pumpwatch setup --dry-run` says how to change it)"
+            ))
+        }
+        other => other,
+    }
 }
 
 #[cfg(test)]
