@@ -506,7 +506,7 @@ impl Client {
 
     /// [`consume`](Self::consume) from a queue declared with `x-single-active-consumer`:
     /// the consumer also finds out whether it is the active one or a standby
-    /// ([`Consumer::role`]; see the consumer module's notes on probes).
+    /// ([`Consumer::activity`]; see the consumer module's notes on probes).
     pub async fn consume_single_active(
         &self,
         queue: &str,
