@@ -21,7 +21,8 @@
 //! - behind a trusted reverse proxy failed logins count per forwarded client; a peer that
 //!   is no trusted proxy counts as itself whatever its `X-Forwarded-For` says;
 //! - SIGHUP reads the roles again and forgets the remembered logins;
-//! - the page, logged in as alice in headless Chromium, shows no other source's name.
+//! - the page, logged in as alice in headless Chromium, shows no other source's name (nor
+//!   dora, who takes only bob's products); logged in as cfs, no source's name at all.
 
 mod common;
 
@@ -1153,7 +1154,7 @@ fn browser_ready() -> Result<(PathBuf, String), String> {
 }
 
 #[tokio::test]
-async fn a_source_logged_in_in_chromium_sees_no_other_source() {
+async fn in_chromium_a_source_and_a_subscriber_see_nothing_of_others() {
     let (root, chromium) = match browser_ready() {
         Ok(x) => x,
         Err(why) => {
@@ -1181,38 +1182,53 @@ async fn a_source_logged_in_in_chromium_sees_no_other_source() {
         }
     })
     .await;
-    let shot = root.join("test-artifacts").join("serve-source.png");
-    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
-    let out = tokio::process::Command::new("node")
-        .arg(root.join("tests/browser/login.mjs"))
-        .arg(format!("http://{}/", p.addr))
-        .arg(&shot)
-        .env("CHROMIUM", &chromium)
-        .env("PW_USER", p.user("alice"))
-        .env("PW_PASSWORD", p.password("alice"))
-        .env(
-            "PW_EXPECT",
-            format!("{},{}", p.user("alice"), p.user("cfs")),
-        )
-        .env(
-            "PW_FORBIDDEN",
-            format!("{},{}", p.user("bob"), p.user("dora")),
-        )
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(120), out)
-        .await
-        .expect("login.mjs finishes")
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("login.mjs: {stdout}");
-    assert!(
-        out.status.success(),
-        "login.mjs failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("CLEAN"), "{stdout}");
-    assert!(shot.exists());
+    // alice (a source) sees her row and her products' client; cfs (a subscriber) its own
+    // row; neither finds another account's name anywhere the browser got.
+    for (who, expect, forbidden, png) in [
+        (
+            "alice",
+            &["alice", "cfs"][..],
+            &["bob", "dora"][..],
+            "serve-source.png",
+        ),
+        (
+            "cfs",
+            &["cfs"][..],
+            &["alice", "bob", "dora"][..],
+            "serve-subscriber.png",
+        ),
+    ] {
+        let shot = root.join("test-artifacts").join(png);
+        std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
+        let names = |v: &[&str]| v.iter().map(|n| p.user(n)).collect::<Vec<_>>().join(",");
+        let out = tokio::process::Command::new("node")
+            .arg(root.join("tests/browser/login.mjs"))
+            .arg(format!("http://{}/", p.addr))
+            .arg(&shot)
+            .env("CHROMIUM", &chromium)
+            .env("PW_USER", p.user(who))
+            .env("PW_PASSWORD", p.password(who))
+            .env("PW_EXPECT", names(expect))
+            .env(
+                "PW_FORBIDDEN",
+                format!("{},{}", names(forbidden), p.user("dora")),
+            )
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(120), out)
+            .await
+            .expect("login.mjs finishes")
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        eprintln!("login.mjs as {who}: {stdout}");
+        assert!(
+            out.status.success(),
+            "login.mjs as {who} failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("CLEAN"), "{stdout}");
+        assert!(shot.exists());
+    }
     p.stop().await;
 }
