@@ -12,7 +12,7 @@ use pumpwatch::cmd::simulate::{Generator, Plan, Sim};
 use pumpwatch::cmd::trace;
 use pumpwatch::config::Config;
 use pumpwatch::core::Stamp;
-use pumpwatch::core::archive::{ArchiveLine, FileMatch, Query, split_lines};
+use pumpwatch::core::archive::{ArchiveLine, FileMatch, Query};
 use pumpwatch::shutdown::Shutdown;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -84,23 +84,7 @@ fn archive_config(url: &str, dir: &Path) -> archive::Config {
 
 /// Every line of every hour under `cluster_dir` (plain and compressed), raw.
 fn raw_lines(cluster_dir: &Path) -> Vec<Vec<u8>> {
-    let mut out = Vec::new();
-    for h in store::list_hours(cluster_dir).unwrap() {
-        let base = store::hour_base(cluster_dir, &h.hour);
-        let (path, zst) = if h.zst {
-            (store::with_ext(&base, store::ZST), true)
-        } else {
-            (store::with_ext(&base, store::LOG), false)
-        };
-        let mut buf = Vec::new();
-        store::for_each_chunk(&path, zst, &mut |c| {
-            buf.extend_from_slice(c);
-            true
-        })
-        .unwrap();
-        out.extend(split_lines(&buf).map(<[u8]>::to_vec));
-    }
-    out
+    common::archived_lines(cluster_dir)
 }
 
 fn parsed(cluster_dir: &Path) -> Vec<ArchiveLine> {

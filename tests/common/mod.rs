@@ -30,6 +30,18 @@ use pumpwatch::broker::mgmt::MgmtClient;
 /// Where the tests expect the broker (`.ci/run` starts it there).
 pub const AMQP_ADDR: &str = "127.0.0.1:5672";
 pub const ADMIN_URL: &str = "http://127.0.0.1:15672";
+
+/// The broker this harness uses: [`AMQP_ADDR`], or `PWTEST_AMQP_ADDR` (with
+/// `PWTEST_ADMIN_URL`) to point the vhost-based tests at a scratch node, e.g. to run
+/// `tests/reliability.rs`, which restarts its broker, without disturbing other work.
+pub fn amqp_addr() -> String {
+    std::env::var("PWTEST_AMQP_ADDR").unwrap_or_else(|_| AMQP_ADDR.to_owned())
+}
+
+/// The management API of [`amqp_addr`]'s broker: [`ADMIN_URL`] or `PWTEST_ADMIN_URL`.
+pub fn admin_url() -> String {
+    std::env::var("PWTEST_ADMIN_URL").unwrap_or_else(|_| ADMIN_URL.to_owned())
+}
 pub const ADMIN_USER: &str = "guest";
 pub const ADMIN_PASSWORD: &str = "guest";
 
@@ -109,11 +121,12 @@ impl TestVhost {
         if let Err(reason) = broker_reachable().await {
             if std::env::var("PUMPWATCH_REQUIRE_BROKER").as_deref() == Ok("1") {
                 panic!(
-                    "no broker at {AMQP_ADDR} ({reason}) and PUMPWATCH_REQUIRE_BROKER=1; \
-                     start it with scripts/broker-up"
+                    "no broker at {} ({reason}) and PUMPWATCH_REQUIRE_BROKER=1; \
+                     start it with scripts/broker-up",
+                    amqp_addr()
                 );
             }
-            eprintln!("SKIP: no broker at {AMQP_ADDR} ({reason})");
+            eprintln!("SKIP: no broker at {} ({reason})", amqp_addr());
             return None;
         }
         let stem = format!("pwtest-{}-{:08x}", unix_secs(), rand::random::<u32>());
@@ -125,7 +138,7 @@ impl TestVhost {
         // From here on the guard exists, so a failure below still removes the vhost.
         let vhost = TestVhost {
             amqp_url: amqp_url(ADMIN_USER, ADMIN_PASSWORD, &name),
-            admin_url: ADMIN_URL.to_owned(),
+            admin_url: admin_url(),
             user_prefix: format!("{stem}-"),
             users: Mutex::new(Vec::new()),
             name,
@@ -219,20 +232,20 @@ fn cleanup(vhost: &str, users: &[String]) -> Result<(), String> {
     })
 }
 
-/// A management client as `guest` on [`ADMIN_URL`].
+/// A management client as `guest` on [`admin_url`].
 pub fn admin_client() -> MgmtClient {
-    MgmtClient::new(ADMIN_URL, ADMIN_USER, ADMIN_PASSWORD).expect("ADMIN_URL is valid")
+    MgmtClient::new(&admin_url(), ADMIN_USER, ADMIN_PASSWORD).expect("the admin URL is valid")
 }
 
 /// `Ok` when AMQP accepts TCP connections and the management API answers as guest.
 pub async fn broker_reachable() -> Result<(), String> {
-    match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(AMQP_ADDR)).await {
+    match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(amqp_addr())).await {
         Err(_) => return Err("TCP connect timed out".to_owned()),
         Ok(Err(e)) => return Err(format!("TCP connect: {e}")),
         Ok(Ok(_)) => {}
     }
     match tokio::time::timeout(PROBE_TIMEOUT, admin_client().overview()).await {
-        Err(_) => Err(format!("management API at {ADMIN_URL} timed out")),
+        Err(_) => Err(format!("management API at {} timed out", admin_url())),
         Ok(Err(e)) => Err(e.to_string()),
         Ok(Ok(_)) => Ok(()),
     }
@@ -241,9 +254,10 @@ pub async fn broker_reachable() -> Result<(), String> {
 /// `amqp://user:password@127.0.0.1:5672/vhost`, each part percent-encoded.
 pub fn amqp_url(user: &str, password: &str, vhost: &str) -> String {
     format!(
-        "amqp://{}:{}@{AMQP_ADDR}/{}",
+        "amqp://{}:{}@{}/{}",
         utf8_percent_encode(user, SEGMENT),
         utf8_percent_encode(password, SEGMENT),
+        amqp_addr(),
         utf8_percent_encode(vhost, SEGMENT)
     )
 }
@@ -290,6 +304,28 @@ fn unix_secs() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Every line of every hour an archive wrote under `cluster_dir` (`<dir>/<cluster>`),
+/// plain and compressed, raw; none when nothing was written yet.
+pub fn archived_lines(cluster_dir: &std::path::Path) -> Vec<Vec<u8>> {
+    use pumpwatch::cmd::archive::store;
+    let mut out = Vec::new();
+    if !cluster_dir.exists() {
+        return out;
+    }
+    for h in store::list_hours(cluster_dir).unwrap() {
+        let base = store::hour_base(cluster_dir, &h.hour);
+        let ext = if h.zst { store::ZST } else { store::LOG };
+        let mut buf = Vec::new();
+        store::for_each_chunk(&store::with_ext(&base, ext), h.zst, &mut |c| {
+            buf.extend_from_slice(c);
+            true
+        })
+        .unwrap();
+        out.extend(pumpwatch::core::archive::split_lines(&buf).map(<[u8]>::to_vec));
+    }
+    out
 }
 
 /// A broker URL the adapter takes; panics on a malformed one (a test bug).
