@@ -20,24 +20,22 @@ mod common;
 
 use common::TestVhost;
 use common::proc::{self, Proc};
+use common::watch::{Got, Seen, watch};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{
     AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString,
 };
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use pumpwatch::broker::amqp::{
-    BindingDecl, Client, ConnectOptions, ExchangeDecl, PendingConfirm, QueueDecl, Topology,
-};
+use pumpwatch::broker::amqp::{Client, ConnectOptions, PendingConfirm, QueueDecl};
 use pumpwatch::broker::names;
 use pumpwatch::cmd::simulate::{Generator, Plan, Sim};
 use pumpwatch::cmd::speedo::{self, Subject};
 use pumpwatch::config::Config;
+use pumpwatch::core::Stamp;
 use pumpwatch::core::archive::ArchiveLine;
 use pumpwatch::core::report::{self, Message};
-use pumpwatch::core::{Headers, Stamp};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(60);
@@ -102,12 +100,7 @@ impl Chain {
             .map(|(d, l)| (*d, l.local_addr().unwrap().port()))
             .collect();
         drop(held);
-        let (observer, speedos) = observe(
-            &vh.amqp_url,
-            "q_test.speedos",
-            &[("xreport", "v01.speedo.#")],
-        )
-        .await;
+        let (observer, speedos) = observe(&vh.amqp_url, "xreport", "v01.speedo.#").await;
         let mut chain = Chain {
             speedos,
             _observer: observer,
@@ -192,7 +185,7 @@ impl Chain {
 
     /// A speedo published by the speedo daemon after `since` arrived.
     async fn speedo_since(&mut self, since: Instant) -> bool {
-        self.speedos.0.lock().unwrap().iter().any(|g| g.at >= since)
+        self.speedos.all().iter().any(|g| g.at >= since)
     }
 
     /// Every durable queue of the chain: route's input, speedo's, archive's, watchdog's.
@@ -270,82 +263,39 @@ impl Chain {
 // Observing and feeding
 // ---------------------------------------------------------------------------------------
 
-/// One message seen on an observer's queue.
-#[derive(Debug, Clone)]
-struct Got {
-    at: Instant,
-    exchange: String,
-    routing_key: String,
-    headers: Headers,
-    body: Vec<u8>,
-}
-
-impl Got {
-    /// The report's relPath, when it is one.
-    fn rel_path(&self) -> Option<String> {
-        let incoming = report::Incoming {
-            exchange: &self.exchange,
-            routing_key: &self.routing_key,
-            body: &self.body,
-            content_type: None,
-            user_id: None,
-            headers: &self.headers,
-        };
-        match report::parse(&incoming) {
-            Ok(Message::Report(r)) => Some(r.rel_path),
-            _ => None,
-        }
+/// The relPath of a report seen (any format), `None` for anything else.
+fn report_path(g: &Got) -> Option<String> {
+    match report::parse(&g.incoming()) {
+        Ok(Message::Report(r)) => Some(r.rel_path),
+        _ => None,
     }
 }
 
-#[derive(Clone, Default)]
-struct Seen(Arc<Mutex<Vec<Got>>>);
-
-impl Seen {
-    fn len(&self) -> usize {
-        self.0.lock().unwrap().len()
-    }
-
-    fn rel_paths(&self) -> BTreeSet<String> {
-        let all = self.0.lock().unwrap().clone();
-        all.iter().filter_map(Got::rel_path).collect()
-    }
+/// The relPaths of the reports seen, each once.
+fn report_paths(seen: &[&Seen]) -> BTreeSet<String> {
+    seen.iter()
+        .flat_map(|s| s.all())
+        .filter_map(|g| report_path(&g))
+        .collect()
 }
 
-/// A durable queue of our own bound as `binds` ((exchange, key)), read by a client that
+/// A durable queue of our own bound to `exchange` with `key`, read by a client that
 /// reconnects by itself: what arrives is kept across broker restarts.
-async fn observe(url: &str, queue: &str, binds: &[(&str, &str)]) -> (Client, Seen) {
-    let topology = Topology {
-        exchanges: binds.iter().map(|(x, _)| ExchangeDecl::topic(*x)).collect(),
-        queues: vec![QueueDecl::durable(queue)],
-        bindings: binds
-            .iter()
-            .map(|(x, k)| BindingDecl::new(queue, *x, *k))
-            .collect(),
-        ..Topology::default()
-    };
-    let opts = ConnectOptions {
-        topology,
-        ..ConnectOptions::new("reliability observer")
-    };
-    let client = Client::connect(&common::broker(url), opts).await.unwrap();
-    let mut consumer = client.consume(queue, 500).await.unwrap();
-    let seen = Seen::default();
-    let into = seen.clone();
-    tokio::spawn(async move {
-        while let Some(d) = consumer.next().await {
-            let Ok(d) = d else { continue };
-            into.0.lock().unwrap().push(Got {
-                at: Instant::now(),
-                exchange: d.exchange.clone(),
-                routing_key: d.routing_key.clone(),
-                headers: d.props.headers.clone(),
-                body: d.body.clone(),
-            });
-            let _ = d.ack().await;
-        }
-    });
-    (client, seen)
+async fn observe(url: &str, exchange: &str, key: &str) -> (Client, Seen) {
+    let queue = format!("q_test.{exchange}.{key}");
+    watch(url, exchange, key, QueueDecl::durable(queue)).await
+}
+
+/// What reaches each source's `xr_<source>` (the broker's fan-out from `xreport`).
+async fn observe_sources(url: &str) -> (Vec<Client>, Vec<Seen>) {
+    let mut clients = Vec::new();
+    let mut seen = Vec::new();
+    for s in SOURCES {
+        let (c, got) = observe(url, &names::source_exchange(s), "#").await;
+        clients.push(c);
+        seen.push(got);
+    }
+    (clients, seen)
 }
 
 /// `n` products from `simulate`'s generator (every wire format, 10 % errors), each on its
@@ -404,14 +354,15 @@ async fn feed(url: String, sims: Vec<Sim>, rate: f64) -> usize {
     again
 }
 
-/// Waits until the products of `sims` all reached their sources (`routed`) and the
-/// archive, then asserts that nothing else did: reports in = routed = archived.
-async fn assert_nothing_lost(chain: &Chain, sims: &[Sim], routed: &Seen) {
+/// Waits until the products of `sims` all reached their sources (`routed`, one watch per
+/// source) and the archive, then asserts that nothing else did: reports in = routed =
+/// archived.
+async fn assert_nothing_lost(chain: &Chain, sims: &[Sim], routed: &[Seen]) {
     let want: BTreeSet<String> = sims.iter().map(|s| s.rel_path.clone()).collect();
     let n = want.len();
-    let r = routed.clone();
+    let routed: Vec<&Seen> = routed.iter().collect();
     common::wait_until(&format!("{n} reports on xr_<source>"), SETTLE, || {
-        let got = r.rel_paths().len();
+        let got = report_paths(&routed).len();
         async move { got >= n }
     })
     .await;
@@ -420,14 +371,14 @@ async fn assert_nothing_lost(chain: &Chain, sims: &[Sim], routed: &Seen) {
         async move { got >= n }
     })
     .await;
-    let on_sources = routed.rel_paths();
+    let on_sources = report_paths(&routed);
     let archived = chain.archived();
     assert_eq!(on_sources, want, "routed to xr_<source> = reports in");
     assert_eq!(archived, want, "archived = reports in");
+    let deliveries: usize = routed.iter().map(|s| s.len()).sum();
     eprintln!(
-        "FIGURE in {n}, routed {} ({} deliveries), archived {} ({} lines)",
+        "FIGURE in {n}, routed {} ({deliveries} deliveries), archived {} ({} lines)",
         on_sources.len(),
-        routed.len(),
         archived.len(),
         common::archived_lines(&chain.archive_root().join(CLUSTER)).len()
     );
@@ -523,18 +474,12 @@ async fn broker_restart_mid_traffic_loses_nothing() {
         return;
     };
     let url = chain.url();
-    let binds: Vec<(String, &str)> = SOURCES
-        .iter()
-        .map(|s| (names::source_exchange(s), "#"))
-        .collect();
-    let binds: Vec<(&str, &str)> = binds.iter().map(|(x, k)| (x.as_str(), *k)).collect();
-    let (_o, routed) = observe(&url, "q_test.routed", &binds).await;
+    let (_o, routed) = observe_sources(&url).await;
     let speedos = chain.speedos.clone();
     let sims = traffic(4000, 41);
     let feeder = tokio::spawn(feed(url, sims.clone(), 400.0));
-    let r = routed.clone();
     common::wait_until("a quarter of the traffic routed", T, || {
-        let n = r.len();
+        let n: usize = routed.iter().map(Seen::len).sum();
         async move { n >= 1000 }
     })
     .await;
@@ -581,20 +526,11 @@ async fn broker_restart_mid_traffic_loses_nothing() {
 
 /// good + errors of the newest `v01.speedo.client.all` seen.
 fn last_all_clients(speedos: &Seen) -> u64 {
-    let all = speedos.0.lock().unwrap().clone();
-    all.iter()
+    speedos
+        .all()
+        .iter()
         .rev()
-        .filter_map(|g| {
-            let incoming = report::Incoming {
-                exchange: &g.exchange,
-                routing_key: &g.routing_key,
-                body: &g.body,
-                content_type: None,
-                user_id: None,
-                headers: &g.headers,
-            };
-            speedo::decode(&incoming).ok()
-        })
+        .filter_map(|g| speedo::decode(&g.incoming()).ok())
         .find(|d| d.subject == Subject::AllClients)
         .map(|d| d.reading.good + d.reading.errors)
         .unwrap_or(0)
@@ -609,25 +545,18 @@ fn last_all_clients(speedos: &Seen) -> u64 {
 /// queue drains, every daemon is healthy at the end.
 #[tokio::test]
 async fn sigkill_of_each_daemon_under_load_loses_nothing() {
-    let t0 = Instant::now();
     let Some(mut chain) = Chain::start("rel-kill", "").await else {
         return;
     };
-    eprintln!("TIMING started {:?}", t0.elapsed());
     let url = chain.url();
-    let binds: Vec<(String, &str)> = SOURCES
-        .iter()
-        .map(|s| (names::source_exchange(s), "#"))
-        .collect();
-    let binds: Vec<(&str, &str)> = binds.iter().map(|(x, k)| (x.as_str(), *k)).collect();
-    let (_o, routed) = observe(&url, "q_test.routed", &binds).await;
+    let (_o, routed) = observe_sources(&url).await;
     let sims = traffic(5000, 42);
     let feeder = tokio::spawn(feed(url, sims.clone(), 300.0));
     for d in ["route", "speedo", "archive", "watchdog"] {
         // Some traffic through the chain since the last restart, then strike.
-        let (r, from) = (routed.clone(), routed.len());
+        let from: usize = routed.iter().map(Seen::len).sum();
         common::wait_until(&format!("traffic before killing {d}"), T, || {
-            let n = r.len();
+            let n: usize = routed.iter().map(Seen::len).sum();
             async move { n >= from + 300 }
         })
         .await;
@@ -637,17 +566,11 @@ async fn sigkill_of_each_daemon_under_load_loses_nothing() {
             took.as_secs_f64()
         );
     }
-    let t = Instant::now();
     feeder.await.unwrap();
-    eprintln!("TIMING feed done {:?}", t.elapsed());
     assert_nothing_lost(&chain, &sims, &routed).await;
-    eprintln!("TIMING nothing lost {:?}", t.elapsed());
     chain.wait_caught_up().await;
-    eprintln!("TIMING caught up {:?}", t.elapsed());
     chain.assert_all_healthy().await;
-    eprintln!("TIMING healthy {:?}", t.elapsed());
     chain.stop().await;
-    eprintln!("TIMING stopped {:?}", t.elapsed());
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1186,14 +1109,9 @@ async fn hostile_corpus_through_the_whole_chain() {
         return;
     };
     let url = chain.url();
-    let (_o1, on_report) = observe(&url, "q_test.xreport", &[("xreport", "#")]).await;
-    let (_o2, rejected) = observe(&url, "q_test.xrejected", &[("xrejected", "#")]).await;
-    let binds: Vec<(String, &str)> = SOURCES
-        .iter()
-        .map(|s| (names::source_exchange(s), "#"))
-        .collect();
-    let binds: Vec<(&str, &str)> = binds.iter().map(|(x, k)| (x.as_str(), *k)).collect();
-    let (_o3, routed) = observe(&url, "q_test.routed", &binds).await;
+    let (_o1, on_report) = observe(&url, "xreport", "#").await;
+    let (_o2, rejected) = observe(&url, "xrejected", "#").await;
+    let (_o3, routed) = observe_sources(&url).await;
     let corpus = corpus();
     let sent = publish_corpus(&url, &names::user_exchange("cfs"), &corpus).await;
     eprintln!(
@@ -1209,14 +1127,7 @@ async fn hostile_corpus_through_the_whole_chain() {
 
     // Every one ends once in xreport or xrejected.
     let n = sent.len();
-    let ends = |seen: &Seen| -> Vec<usize> {
-        seen.0
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(corpus_id)
-            .collect()
-    };
+    let ends = |seen: &Seen| -> Vec<usize> { seen.all().iter().filter_map(corpus_id).collect() };
     let (a, b) = (on_report.clone(), rejected.clone());
     common::wait_until(
         &format!("{n} corpus messages routed or rejected"),
@@ -1247,7 +1158,7 @@ async fn hostile_corpus_through_the_whole_chain() {
         "in = routed + rejected"
     );
     let mut reasons = BTreeMap::new();
-    for g in rejected.0.lock().unwrap().iter() {
+    for g in rejected.all().iter() {
         let reason = g.headers.get_str(names::H_REASON).unwrap_or("");
         assert!(
             !reason.is_empty(),
@@ -1282,10 +1193,9 @@ async fn hostile_corpus_through_the_whole_chain() {
     let sims = traffic(300, 43);
     feed(url, sims.clone(), 1000.0).await;
     let normal: BTreeSet<String> = sims.iter().map(|s| s.rel_path.clone()).collect();
-    let rr = routed.clone();
-    let want = normal.clone();
+    let routed: Vec<&Seen> = routed.iter().collect();
     common::wait_until("normal traffic routed after the corpus", T, || {
-        let ok = rr.rel_paths().is_superset(&want);
+        let ok = report_paths(&routed).is_superset(&normal);
         async move { ok }
     })
     .await;

@@ -7,11 +7,13 @@ use pumpwatch::core::headers::HeaderValue;
 use pumpwatch::core::report::Incoming;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A message as a test queue received it.
 #[derive(Debug, Clone)]
 pub struct Got {
+    /// When it arrived.
+    pub at: Instant,
     pub exchange: String,
     pub routing_key: String,
     pub content_type: Option<String>,
@@ -133,8 +135,12 @@ async fn record(client: &Client, queue: &str, seen: &Seen) {
     let mut consumer = client.consume(queue, 1000).await.unwrap();
     let seen = seen.clone();
     tokio::spawn(async move {
-        while let Some(Ok(d)) = consumer.next().await {
+        // An error is a refused re-subscription (the next call retries after a backoff):
+        // recording goes on across broker outages until the client closes.
+        while let Some(d) = consumer.next().await {
+            let Ok(d) = d else { continue };
             seen.0.lock().unwrap().push(Got {
+                at: Instant::now(),
                 exchange: d.exchange.clone(),
                 routing_key: d.routing_key.clone(),
                 content_type: d.props.content_type.clone(),

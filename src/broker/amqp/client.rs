@@ -41,6 +41,11 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `publish` and `declare` wait for a connection while the broker is away
 /// before giving up with [`AmqpError::Closed`].
 pub const RECONNECT_WAIT: Duration = Duration::from_secs(30);
+/// The longest pause between two reconnect attempts (the default `max_backoff`): once the
+/// broker is back, a daemon is back within this, however long the outage was
+/// (`tests/reliability.rs` measures it). Attempts are cheap (a refused TCP connect), so
+/// a short cap costs nothing.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often the supervisor looks at an idle connection (failing operations wake it
 /// sooner).
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -69,7 +74,7 @@ impl Default for ConnectOptions {
             topology: Topology::default(),
             reconnect: true,
             min_backoff: Duration::from_millis(250),
-            max_backoff: Duration::from_secs(30),
+            max_backoff: MAX_BACKOFF,
         }
     }
 }

@@ -8,7 +8,7 @@
 //!
 //! - [`Client::connect`] fails fast (commands exit 1); afterwards, with `reconnect`
 //!   on, a supervisor task replaces a lost connection with exponential backoff and
-//!   jitter, logs one WARN per outage (redacted URL and reason) and redeclares every
+//!   jitter (capped at [`MAX_BACKOFF`]), logs one WARN per outage (redacted URL and reason) and redeclares every
 //!   [`Topology`] ever declared.
 //! - [`Client::publish`] / [`Client::publish_raw`] / [`Client::forward`] return once the
 //!   message is sent, with a [`PendingConfirm`] to await later, so thousands can be in
@@ -32,7 +32,9 @@ mod topology;
 pub use crate::broker::url::BrokerUrl;
 
 pub(crate) use client::backoff;
-pub use client::{CONNECT_TIMEOUT, Client, ConnectOptions, PendingConfirm, RECONNECT_WAIT};
+pub use client::{
+    CONNECT_TIMEOUT, Client, ConnectOptions, MAX_BACKOFF, PendingConfirm, RECONNECT_WAIT,
+};
 pub use consumer::{Activity, Consumer, Delivery, PROBE_EVERY, PROBE_HEADER};
 pub use convert::{MAX_SHORT, MessageProps, truncate_short};
 pub use error::AmqpError;

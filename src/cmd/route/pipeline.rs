@@ -161,7 +161,7 @@ impl Pipeline {
                     tracing::debug!(attempt, "route reconnect failed: {e}");
                     let wait = crate::broker::amqp::backoff(
                         Duration::from_millis(200),
-                        Duration::from_secs(30),
+                        crate::broker::amqp::MAX_BACKOFF,
                         attempt,
                     );
                     attempt = attempt.saturating_add(1);
