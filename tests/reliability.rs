@@ -456,10 +456,10 @@ impl AppStopped<'_> {
 
 impl Drop for AppStopped<'_> {
     fn drop(&mut self) {
-        if self.1 {
-            if let Err(e) = self.0.run(&["-q", "start_app"]) {
-                eprintln!("WARNING: could not start the broker's app again: {e}");
-            }
+        if self.1
+            && let Err(e) = self.0.run(&["-q", "start_app"])
+        {
+            eprintln!("WARNING: could not start the broker's app again: {e}");
         }
     }
 }
