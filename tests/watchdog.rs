@@ -518,6 +518,7 @@ async fn simulate_fail_node_leaves_exactly_what_the_watchdog_finds() {
         count: None,
         duration: Some(Duration::from_millis(2500)),
         error_ratio: 0.1,
+        client_error_ratio: vec![],
         format: simulate::FormatChoice::Mix,
         exchange: Some("xreport".into()),
         starts: false,

@@ -313,7 +313,7 @@ async fn run_in(
     let serve_cfg = serve::Config::from_args(serve::Args::default(), common)?;
     let watchdog_cfg = watchdog::Config::from_args(watchdog::Args::default(), common)?;
     let archive_cfg = archive::Config::from_args(archive::Args::default(), common)?;
-    let sim_cfg = simulate::Config::from_args(
+    let mut sim_cfg = simulate::Config::from_args(
         simulate::Args {
             sources: plan::SOURCES,
             clients: plan::CLIENTS,
@@ -322,6 +322,7 @@ async fn run_in(
             count: None,
             duration: Some(cfg.duration),
             error_ratio: 0.1,
+            client_error_ratio: vec![(plan::FLAKY_CLIENT.into(), plan::FLAKY_RATIO)],
             format: simulate::FormatChoice::Mix,
             exchange: None,
             starts: true,
@@ -334,6 +335,8 @@ async fn run_in(
         },
         common,
     )?;
+    // The products are this pump's own.
+    sim_cfg.plan.cluster = plan::CLUSTER.to_owned();
 
     // A failed component cancels `inner` (the others stop); Ctrl-C cancels `shutdown`,
     // its parent.

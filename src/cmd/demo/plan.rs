@@ -14,6 +14,9 @@ pub const CLIENTS: u32 = 4;
 pub const HOSTS: u32 = 4;
 /// The client that stops reporting (simulate `--stop-client`).
 pub const STOPPING_CLIENT: &str = "dfo";
+/// The client most of whose transfers fail (WARNING `errors`), and how many.
+pub const FLAKY_CLIENT: &str = "nrcan";
+pub const FLAKY_RATIO: f64 = 0.6;
 /// The node that fails with transfers in flight (simulate `--fail-node`).
 pub const FAILING_NODE: &str = "node4";
 /// The cluster name of the demo pump (the archive's `<dir>/<cluster>`).
@@ -176,8 +179,9 @@ pub fn banner(b: &Banner<'_>) -> String {
     );
     t += &format!(
         "  the pump   sources radar, sat, ec_cmc; clients cfs, edu, nrcan, dfo on node1..node4; \
-         10 % of transfers fail;\n             {STOPPING_CLIENT} stops reporting after {} s \
+         10 % of transfers fail, {} % of {FLAKY_CLIENT}'s;\n             {STOPPING_CLIENT} stops reporting after {} s \
          (CRITICAL {} s later), {FAILING_NODE} fails after {} s (failed by the watchdog {} s later)\n\n",
+        FLAKY_RATIO * 100.0,
         b.stop_after.as_secs(),
         TD.as_secs(),
         b.fail_after.as_secs(),
@@ -212,6 +216,10 @@ pub fn banner(b: &Banner<'_>) -> String {
         (
             format!("pumpwatch check --url {serve} --client {STOPPING_CLIENT}"),
             "CRITICAL once dfo stopped",
+        ),
+        (
+            format!("pumpwatch check --url {serve} --client {FLAKY_CLIENT}"),
+            "WARNING: most of nrcan's transfers fail",
         ),
         (
             format!("pumpwatch inflight --url http://{}", l.watchdog),
@@ -276,6 +284,7 @@ mod tests {
         let simulated: Vec<String> = plan.sources.iter().chain(&plan.clients).cloned().collect();
         assert_eq!(declared, simulated);
         assert!(plan.clients.iter().any(|c| c == STOPPING_CLIENT));
+        assert!(plan.clients.iter().any(|c| c == FLAKY_CLIENT));
         assert!(plan.hosts.iter().any(|h| h == FAILING_NODE));
     }
 

@@ -81,6 +81,10 @@ pub struct Plan {
     /// The host `--fail-node` makes fail: its reports are always in a format that names
     /// the host (sr3's formats name none, so a watchdog could not tell whose they are).
     pub fail_node: Option<String>,
+    /// The pump the products come from and go to (`from_cluster`, `to_clusters`).
+    pub cluster: String,
+    /// Clients whose transfers fail at their own rate instead of `error_ratio`.
+    pub client_error_ratio: std::collections::BTreeMap<String, f64>,
 }
 
 impl Plan {
@@ -96,6 +100,8 @@ impl Plan {
             exchange: None,
             stamp: false,
             fail_node: None,
+            cluster: "sim.pump".to_owned(),
+            client_error_ratio: Default::default(),
         }
     }
 }
@@ -155,7 +161,12 @@ impl Generator {
         let flow = format!("{source}-f{}", self.rng.random_range(1..=3));
         let day = now.v02()[..8].to_owned();
         let rel_path = format!("{day}/{source}/{dir}/{source}_{:06}.{ext}", self.seq);
-        let failed = self.rng.random_bool(p.error_ratio.clamp(0.0, 1.0));
+        let ratio = p
+            .client_error_ratio
+            .get(&client)
+            .copied()
+            .unwrap_or(p.error_ratio);
+        let failed = self.rng.random_bool(ratio.clamp(0.0, 1.0));
         let code = if failed {
             BAD[self.rng.random_range(0..BAD.len())]
         } else {
@@ -193,8 +204,8 @@ impl Generator {
             user: (!sr3).then(|| client.clone()),
             duration_s: Some(duration),
             source: Some(source.clone()),
-            from_cluster: Some("sim.pump".to_owned()),
-            to_clusters: vec!["sim.pump".to_owned()],
+            from_cluster: Some(p.cluster.clone()),
+            to_clusters: vec![p.cluster.clone()],
             flow: Some(flow.clone()),
             size_bytes: Some(size),
             identity: Some(Identity {
@@ -401,6 +412,28 @@ mod tests {
             };
             assert_eq!(r.host.as_deref(), Some("node2"));
         }
+    }
+
+    #[test]
+    fn a_client_can_fail_at_its_own_rate() {
+        let mut plan = Plan::new(2, 3, 2);
+        plan.error_ratio = 0.0;
+        plan.client_error_ratio.insert("edu".into(), 1.0);
+        let mut g = Generator::new(plan);
+        let mut seen = (0, 0);
+        for _ in 0..300 {
+            for s in g.next_product(now()) {
+                let bad = CodeClass::of(s.code).is_error();
+                if s.client == "edu" {
+                    assert!(bad, "{}", s.code);
+                    seen.0 += 1;
+                } else {
+                    assert!(!bad, "{}", s.code);
+                    seen.1 += 1;
+                }
+            }
+        }
+        assert!(seen.0 > 50 && seen.1 > 100, "{seen:?}");
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub struct Args {
     /// Share of failed transfers (0 to 1).
     #[arg(long, default_value_t = 0.1)]
     pub error_ratio: f64,
+    /// One client's own share of failed transfers, as CLIENT=RATIO (repeatable).
+    #[arg(long, value_name = "CLIENT=RATIO", value_parser = parse_client_ratio)]
+    pub client_error_ratio: Vec<(String, f64)>,
     #[arg(long, value_enum, default_value_t = FormatChoice::Mix)]
     pub format: FormatChoice,
     /// Publish to this exchange instead of each client's xs_<client>.
@@ -172,6 +175,16 @@ impl Config {
         }
         let mut plan = Plan::new(a.sources, a.clients, a.hosts);
         plan.error_ratio = a.error_ratio;
+        for (client, ratio) in a.client_error_ratio {
+            if !plan.clients.contains(&client) {
+                return Err(UsageError(format!(
+                    "invalid --client-error-ratio {:?}: the simulated clients are {}",
+                    crate::core::text::escape(&client),
+                    plan.clients.join(", ")
+                )));
+            }
+            plan.client_error_ratio.insert(client, ratio);
+        }
         plan.format = a.format;
         plan.starts = a.starts;
         plan.seed = a.seed;
@@ -229,6 +242,20 @@ impl Config {
             stop,
         })
     }
+}
+
+/// `CLIENT=RATIO`, the ratio between 0 and 1.
+fn parse_client_ratio(s: &str) -> Result<(String, f64), String> {
+    let (client, ratio) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not CLIENT=RATIO"))?;
+    let ratio: f64 = ratio
+        .parse()
+        .map_err(|_| format!("{ratio:?} is not a number"))?;
+    if !(0.0..=1.0).contains(&ratio) {
+        return Err(format!("{ratio} is not between 0 and 1"));
+    }
+    Ok((client.to_owned(), ratio))
 }
 
 /// Confirms kept in flight before waiting for the oldest.
