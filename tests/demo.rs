@@ -141,6 +141,81 @@ fn contrib_metrics() -> BTreeSet<String> {
     .collect()
 }
 
+/// The metric names the README's table of every daemon's `/metrics` lists, its shorthand
+/// expanded: `pumpwatch_{client,source}_x` is two names, and `_y` after `pumpwatch_w_x` in
+/// the same cell is `pumpwatch_w_y`.
+fn readme_metrics() -> BTreeSet<String> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let start = readme
+        .find("## Every daemon's `/metrics`")
+        .expect("the metrics section");
+    let section = &readme[start..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+    let span = regex::Regex::new(r"`([a-z_{},]+)`").unwrap();
+    let mut names = BTreeSet::new();
+    for row in section.lines().filter(|l| l.starts_with('|')) {
+        let Some(cell) = row.split('|').nth(2) else {
+            continue;
+        };
+        let mut prefix = String::new();
+        for m in span.captures_iter(cell) {
+            let text = &m[1];
+            let full = if let Some(rest) = text.strip_prefix('_') {
+                format!("{prefix}_{rest}")
+            } else if text.starts_with("pumpwatch_") {
+                // pumpwatch_ and the next word or brace group.
+                let after = &text["pumpwatch_".len()..];
+                let end = if after.starts_with('{') {
+                    after.find('}').map_or(after.len(), |i| i + 1)
+                } else {
+                    after.find('_').unwrap_or(after.len())
+                };
+                prefix = format!("pumpwatch_{}", &after[..end]);
+                text.to_owned()
+            } else {
+                continue;
+            };
+            names.extend(expand(&full));
+        }
+    }
+    names
+}
+
+/// `a_{b,c}_d` is `a_b_d` and `a_c_d` (any number of groups).
+fn expand(s: &str) -> Vec<String> {
+    let Some(open) = s.find('{') else {
+        return vec![s.to_owned()];
+    };
+    let close = open + s[open..].find('}').expect("closing brace");
+    s[open + 1..close]
+        .split(',')
+        .flat_map(|alt| expand(&format!("{}{alt}{}", &s[..open], &s[close + 1..])))
+        .collect()
+}
+
+#[test]
+fn readme_shorthand_expands() {
+    assert_eq!(
+        expand("pumpwatch_{client,source}_x_{a,b}"),
+        [
+            "pumpwatch_client_x_a",
+            "pumpwatch_client_x_b",
+            "pumpwatch_source_x_a",
+            "pumpwatch_source_x_b"
+        ]
+    );
+    let names = readme_metrics();
+    for n in [
+        "pumpwatch_pump_error_bytes_total",
+        "pumpwatch_archive_bytes_total",
+        "pumpwatch_watchdog_transfers_failed_over_total",
+        "pumpwatch_route_messages_total",
+    ] {
+        assert!(names.contains(n), "{n} in {names:?}");
+    }
+}
+
 #[tokio::test]
 async fn the_demo_runs_answers_and_cleans_up() {
     if let Err(reason) = common::broker_reachable().await {
