@@ -163,9 +163,8 @@ fn readme_metrics() -> BTreeSet<String> {
             let text = &m[1];
             let full = if let Some(rest) = text.strip_prefix('_') {
                 format!("{prefix}_{rest}")
-            } else if text.starts_with("pumpwatch_") {
+            } else if let Some(after) = text.strip_prefix("pumpwatch_") {
                 // pumpwatch_ and the next word or brace group.
-                let after = &text["pumpwatch_".len()..];
                 let end = if after.starts_with('{') {
                     after.find('}').map_or(after.len(), |i| i + 1)
                 } else {
