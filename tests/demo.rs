@@ -106,7 +106,7 @@ fn exposed(text: &str) -> BTreeSet<String> {
             let mut w = rest.split_whitespace();
             if let (Some(name), Some(kind)) = (w.next(), w.next()) {
                 names.insert(name.to_owned());
-                if kind == "counter" {
+                if kind == "counter" && !name.ends_with("_total") {
                     names.insert(format!("{name}_total"));
                 }
             }
@@ -152,7 +152,7 @@ fn readme_metrics() -> BTreeSet<String> {
         .expect("the metrics section");
     let section = &readme[start..];
     let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
-    let span = regex::Regex::new(r"`([a-z_{},]+)`").unwrap();
+    let span = regex::Regex::new(r"`([a-z0-9_{},]+)`").unwrap();
     let mut names = BTreeSet::new();
     for row in section.lines().filter(|l| l.starts_with('|')) {
         let Some(cell) = row.split('|').nth(2) else {
@@ -375,6 +375,20 @@ async fn the_demo_runs_answers_and_cleans_up() {
     assert!(
         missing.is_empty(),
         "not exported by the demo's daemons: {missing:?}"
+    );
+    // And the README's table lists exactly what they export.
+    let listed = readme_metrics();
+    // A counter's family name without `_total` is not a name anyone scrapes.
+    let exported: BTreeSet<String> = all
+        .iter()
+        .filter(|n| !all.contains(&format!("{n}_total")))
+        .cloned()
+        .collect();
+    let unlisted: Vec<&String> = exported.difference(&listed).collect();
+    let unreal: Vec<&String> = listed.difference(&exported).collect();
+    assert!(
+        unlisted.is_empty() && unreal.is_empty(),
+        "README's metrics table: missing {unlisted:?}, not exported {unreal:?}"
     );
 
     // Ctrl-C: exit 0 within 10 s, everything it made removed.
