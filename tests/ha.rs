@@ -669,3 +669,80 @@ async fn a_queue_declared_without_single_active_consumer_is_refused_with_a_way_o
         "{out}"
     );
 }
+
+#[tokio::test]
+async fn a_nacked_publish_is_retried_until_the_queue_takes_it_not_rejected() {
+    let Some(vh) = common::vhost("ha-nack").await else {
+        return;
+    };
+    let url = vh.amqp_url.clone();
+    let toml = "[users.radar]\nrole = \"source\"\n[users.cfs]\nrole = \"subscriber\"\n";
+    let config = Config::parse(toml, "t.toml").unwrap();
+    let common = common::common(config, &url);
+    // What a quorum queue without its majority does to every publish routed to it: nack.
+    // Here a full queue that rejects what comes (x-overflow reject-publish) stands in.
+    let mut full = QueueDecl::durable("obs.full");
+    full.arguments
+        .set("x-max-length", pumpwatch::core::HeaderValue::Int(0));
+    full.arguments.set(
+        "x-overflow",
+        pumpwatch::core::HeaderValue::Str("reject-publish".into()),
+    );
+    let mut t = Topology::bound_queue(full, "xreport", "#");
+    t.exchanges.push(ExchangeDecl::topic("xreport"));
+    let observer = Topology::bound_queue(QueueDecl::exclusive("obs.seen"), "xreport", "#");
+    t.merge(&observer);
+    let opts = ConnectOptions {
+        topology: t,
+        ..ConnectOptions::new("ha nack observer")
+    };
+    let obs = Client::connect(&common::broker(&url), opts).await.unwrap();
+    let mut consumer = obs.consume("obs.seen", 10).await.unwrap();
+
+    let cfg = route::Config::from_args(route::Args::default(), &common).unwrap();
+    let counters = cfg.counters.clone();
+    let stop = Shutdown::new();
+    let task = tokio::spawn(route::run(cfg, stop.clone()));
+    let queue = names::route_queue(&Config::parse(toml, "t").unwrap(), "guest").name;
+    common::wait_until("route consumes", T, || {
+        let (m, v, q) = (vh.mgmt.clone(), vh.name.clone(), queue.clone());
+        async move { m.get_queue(&v, &q).await.ok().flatten().is_some() }
+    })
+    .await;
+    let mut plan = Plan::new(1, 1, 1);
+    plan.sources = vec!["radar".into()];
+    plan.clients = vec!["cfs".into()];
+    plan.error_ratio = 0.0;
+    let sims: Vec<Sim> = Generator::new(plan).next_product(Stamp(jiff::Timestamp::now()));
+    publish_paced(url.clone(), sims, 1000).await;
+    let c = counters.clone();
+    common::wait_until("route retried the nacked publish", T, || {
+        let n = c.get("retried");
+        async move { n >= 2 }
+    })
+    .await;
+    // The queue takes messages again: the report goes through, not to xrejected.
+    vh.mgmt.delete_queue(&vh.name, "obs.full").await.unwrap();
+    let d = tokio::time::timeout(T, async {
+        loop {
+            let d = consumer.next().await.unwrap().unwrap();
+            if d.exchange == "xreport" && d.props.headers.get(names::H_REASON).is_none() {
+                return d;
+            }
+        }
+    })
+    .await
+    .expect("the report routed once the queue takes it");
+    d.ack().await.unwrap();
+    // Counted once its confirm is in (it may reach the observer first).
+    let c = counters.clone();
+    common::wait_until("route counted it routed", T, || {
+        let n = c.get("routed");
+        async move { n == 1 }
+    })
+    .await;
+    assert_eq!(counters.get("refused"), 0);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    obs.close().await;
+}

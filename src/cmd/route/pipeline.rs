@@ -8,7 +8,9 @@
 //! closed under it) is nacked back to the queue on its own, after the acks before it, so a
 //! `multiple` ack never covers it. An output refused **for good** (an access refused, a
 //! policy) goes to `xrejected` with the reason instead of being retried forever; an
-//! exchange deleted under route is declared again and the input retried. When the
+//! exchange deleted under route is declared again and the input retried; a nack (the
+//! broker cannot take it now, e.g. a quorum queue without its majority while a cluster
+//! node is down) is retried with back-off for minutes before it counts as refused. When the
 //! connection goes, nothing unacked was acked: the broker redelivers it (duplicates
 //! possible, losses not), and route reconnects with backoff.
 //!
@@ -81,6 +83,13 @@ enum Kind {
     Unrouted,
     Rejected,
 }
+
+/// The code of a refusal that was a nack (the broker's refusals by channel close carry an
+/// AMQP reply code, never 0).
+const NACKED: u16 = 0;
+/// Consecutive refusals through which nacks are retried (with the back-off of `settle`,
+/// about six minutes) before a nacked output goes to `xrejected`.
+const MAX_NACK_RETRIES: u32 = 100;
 
 struct Input {
     tag: u64,
@@ -255,7 +264,7 @@ impl Pipeline {
                                 i.state = if ok {
                                     State::Done
                                 } else {
-                                    State::Refused(0, "the broker refused (nacked) it".into())
+                                    State::Refused(NACKED, "the broker refused (nacked) it".into())
                                 };
                             }
                         }
@@ -448,7 +457,18 @@ impl Pipeline {
                     if let Some(t) = ack_upto.take() {
                         s.ack(t, true);
                     }
-                    let retry = code == 404 || front.kind == Kind::Rejected;
+                    // A nack is the broker not taking responsibility for now (a quorum queue
+                    // bound to the exchange without its majority, while a cluster node is
+                    // down): retried, for minutes, before it counts as refused for good.
+                    let nacked = code == NACKED && *refusals <= MAX_NACK_RETRIES;
+                    if nacked && *refusals == 1 {
+                        tracing::warn!(
+                            "route: the broker nacked a publish to {} (a queue bound to it cannot \
+                             take it now, e.g. a quorum queue without its majority); retrying",
+                            crate::core::text::escape(&front.exchange)
+                        );
+                    }
+                    let retry = code == 404 || front.kind == Kind::Rejected || nacked;
                     if retry && *refusals > 3 {
                         // The broker keeps refusing what we retry: do not spin. (A report
                         // refused for good goes on to xrejected below; that is progress, so
@@ -465,8 +485,9 @@ impl Pipeline {
                         front.state = State::Requeue;
                         continue;
                     }
-                    if front.kind == Kind::Rejected {
-                        // Even xrejected refuses it: it stays on our queue.
+                    if front.kind == Kind::Rejected || nacked {
+                        // Even xrejected refuses it, or the refusal may pass: it stays on
+                        // our queue.
                         front.state = State::Requeue;
                         continue;
                     }
