@@ -610,7 +610,8 @@ mod tests {
     proptest! {
         #[test]
         fn any_password_is_hidden(pw in "[ -~]{1,24}", user in "[a-z]{1,8}") {
-            prop_assume!(!user.contains(&pw) && !"amqp://@h:5672/v****".contains(&pw));
+            // A password that is part of what is shown anyway (`c:` for user `c`) proves nothing.
+            prop_assume!(!format!("amqp://{user}:****@h:5672/v").contains(&pw));
             let encoded = format!("amqp://{user}:{}@h:5672/v", utf8_percent_encode(&pw, COMPONENT));
             let u = BrokerUrl::parse(&encoded).unwrap();
             prop_assert_eq!(u.password(), pw.as_str());
