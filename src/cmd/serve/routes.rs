@@ -12,7 +12,7 @@
 
 use super::Shared;
 use super::auth::{Need, Refusal};
-use super::board::{Access, Kind, Scope};
+use super::board::{Access, Board, Kind, Scope};
 use axum::Router;
 use axum::extract::{ConnectInfo, Extension, RawQuery, Request, State};
 use axum::http::{StatusCode, header};
@@ -174,16 +174,7 @@ async fn status(
     Extension(access): Extension<Access>,
     RawQuery(q): RawQuery,
 ) -> Response {
-    let scope = match scope_of(q.as_deref()) {
-        Ok(scope) => scope,
-        Err(r) => return r.into_response(),
-    };
-    let status = s.board.lock().unwrap_or_else(|p| p.into_inner()).status_as(
-        &access,
-        &scope,
-        Timestamp::now(),
-    );
-    Json(status).into_response()
+    scoped(&s, &access, q.as_deref(), Board::status_as)
 }
 
 /// `/api/check`: everything `pumpwatch check` prints, in one small answer.
@@ -192,16 +183,23 @@ async fn check(
     Extension(access): Extension<Access>,
     RawQuery(q): RawQuery,
 ) -> Response {
-    let scope = match scope_of(q.as_deref()) {
+    scoped(&s, &access, q.as_deref(), Board::check_as)
+}
+
+/// Answers with what `answer` makes of the board for `access`, narrowed to the query's
+/// `client=`/`source=` scope (400 when the scope is not one).
+fn scoped<T: serde::Serialize>(
+    s: &Shared,
+    access: &Access,
+    query: Option<&str>,
+    answer: fn(&Board, &Access, &Scope, Timestamp) -> T,
+) -> Response {
+    let scope = match scope_of(query) {
         Ok(scope) => scope,
         Err(r) => return r.into_response(),
     };
-    let answer = s.board.lock().unwrap_or_else(|p| p.into_inner()).check_as(
-        &access,
-        &scope,
-        Timestamp::now(),
-    );
-    Json(answer).into_response()
+    let board = s.board.lock().unwrap_or_else(|p| p.into_inner());
+    Json(answer(&board, access, &scope, Timestamp::now())).into_response()
 }
 
 /// `/api/history?kind=client&name=a&name=b`: chart data of the named entities.
