@@ -102,6 +102,9 @@ struct Input {
     body: Vec<u8>,
     /// Returned by the broker as unroutable (no queue at all took it).
     returned: bool,
+    /// Refused for good and sent on to xrejected: counted as refused once xrejected has
+    /// it (a divert lost with its channel is retried, and must not count twice).
+    refused: bool,
 }
 
 impl Input {
@@ -369,6 +372,7 @@ impl Pipeline {
                     properties: Properties::default(),
                     body: Vec::new(),
                     returned: false,
+                    refused: false,
                 };
             }
             Outcome::Reject { reason, detail } => {
@@ -418,6 +422,7 @@ impl Pipeline {
             properties,
             body,
             returned: false,
+            refused: false,
         }
     }
 
@@ -514,7 +519,7 @@ impl Pipeline {
                         &front.body,
                     );
                     front.state = State::Waiting(seq);
-                    self.counters.refused();
+                    front.refused = true;
                     break;
                 }
             }
@@ -526,6 +531,10 @@ impl Pipeline {
     }
 
     fn count(&self, i: &Input) {
+        if i.refused {
+            self.counters.refused();
+            return;
+        }
         if i.returned {
             self.counters.unheard();
             return;
